@@ -1,0 +1,384 @@
+"""A stand-in OpenAI-compatible provider: chat completions in JSON and SSE, on 127.0.0.1, no API key.
+
+Run it alone to try any server without a key:
+
+    python tests/fake_llm.py --port 9000
+    OPENAI_BASE_URL=http://127.0.0.1:9000/v1 OPENAI_API_KEY=fake gunicorn app:app
+
+By default it answers "You said: <the last user message>" one word per chunk. Tests script it per request
+(`fake.script(...)` or `fake.responder = ...`) with a dict of these keys, all optional:
+
+    text / tokens        what to say (a string split into words, or the exact chunks)
+    tool_calls           [{"name": ..., "arguments": "...json..."}], streamed in fragments like OpenAI does
+    ttft, token_delay    seconds before the first chunk and between chunks (after the headers are sent)
+    headers_delay        seconds before even the status line (some providers answer only with the first token)
+    status, error        answer with this HTTP status and OpenAI-shaped error body instead
+    cut_after            close the connection after this many chunks, mid-stream
+    hang                 never answer; wait until the client gives up
+    malformed_after      send a line that is not JSON after this many chunks
+    error_event_after    send an in-band {"error": ...} event after this many chunks
+    no_done              end the stream without the final "data: [DONE]"
+    finish_reason        overrides "stop" / "tool_calls"
+
+It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it records every
+request it received (`fake.requests`) and every response it streamed (`fake.streams`), and notices the moment a
+client closes a connection early.
+"""
+
+import argparse
+import asyncio
+import collections
+import json
+import threading
+import time
+
+# The parameters OpenAI's chat completions endpoint accepts. Anything else gets OpenAI's own 400, as the
+# real API does, so a server that forwards Vapi's extra fields fails here exactly as it would in production.
+KNOWN_PARAMS = {
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "service_tier", "store", "metadata", "reasoning_effort", "modalities", "prediction", "audio",
+}
+
+
+class Stream:
+    """What the stand-in knows about one response it is sending."""
+
+    def __init__(self, body):
+        self.body = body
+        self.opened_at = time.monotonic()
+        self.closed_at = None          # when the connection or the response ended
+        self.finished = False          # the response was sent completely
+        self.client_closed = False     # the client went away before the end
+        self.chunks_sent = 0
+
+    @property
+    def open(self):
+        return self.closed_at is None
+
+
+def error_body(message, type_="invalid_request_error", code=None, param=None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+               405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+               502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+class Connection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection: parses requests and hands each to the server."""
+
+    def __init__(self, server):
+        self.server = server
+        self.buffer = b""
+        self.transport = None
+        self.closed = asyncio.Event()
+        self.busy = False
+        self.stream = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.closed.set()
+        if self.stream is not None and self.stream.open:
+            self.stream.client_closed = True
+            self.stream.closed_at = time.monotonic()
+
+    def data_received(self, data):
+        self.buffer += data
+        if not self.busy:
+            self.next_request()
+
+    def next_request(self):
+        head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = (lines[0].split(" ") + ["", ""])[:3]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length") or 0)
+        if len(rest) < length:
+            return
+        body, self.buffer = rest[:length], rest[length:]
+        self.busy = True
+        asyncio.ensure_future(self.serve(method, path, headers, body))
+
+    async def serve(self, method, path, headers, raw_body):
+        try:
+            keep_alive = await self.server.respond(self, method, path, headers, raw_body)
+        except ConnectionError:
+            keep_alive = False
+        self.busy = False
+        if not keep_alive or self.transport.is_closing():
+            self.transport.close()
+        elif self.buffer:
+            self.next_request()
+
+    def write(self, data):
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_json(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.write(
+            f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Status')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode() + data
+        )
+
+
+class FakeLLM:
+    """The stand-in server. Start it in a background thread with start(), or in the foreground with serve()."""
+
+    def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None):
+        self.host, self.port = host, port
+        self.ttft, self.token_delay = ttft, token_delay
+        self.api_key = api_key          # when set, requests must carry it as a bearer token
+        self.requests = []              # every request: {"path", "headers", "body", "at"}
+        self.streams = []               # every response to a chat request, as Stream objects
+        self.scripts = collections.deque()
+        self.responder = None           # optional function(body) -> script dict or None
+        self.loop = None
+        self._server = None
+        self._ids = 0
+
+    # --- control, from any thread ---------------------------------------------------------------------
+
+    @property
+    def base_url(self):
+        return f"http://{self.host}:{self.port}/v1"
+
+    def script(self, *responses):
+        """Queue scripted responses: each one answers the next chat request."""
+        self.scripts.extend(responses)
+
+    def reset(self):
+        self.requests.clear()
+        self.streams.clear()
+        self.scripts.clear()
+        self.responder = None
+        self.ttft = self.token_delay = 0.0
+
+    def open_streams(self):
+        return [s for s in self.streams if s.open]
+
+    def chat_bodies(self):
+        return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
+
+    def start(self):
+        """Run the server on its own event loop in a daemon thread; returns once it is listening."""
+        ready = threading.Event()
+
+        def run():
+            self.loop = asyncio.new_event_loop()
+            self.loop.run_until_complete(self._listen())
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name="fake-llm", daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def stop(self):
+        if self.loop:
+            self.loop.call_soon_threadsafe(self._server.close)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _listen(self):
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: Connection(self), self.host, self.port, backlog=2048)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def serve(self):
+        """Run in the foreground until interrupted."""
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._listen())
+        print(f"fake LLM listening on {self.base_url}", flush=True)
+        try:
+            self.loop.run_forever()
+        except KeyboardInterrupt:
+            pass
+
+    # --- the HTTP side -----------------------------------------------------------------------------------
+
+    async def respond(self, conn, method, path, headers, raw_body):
+        """Answer one request; returns whether the connection may be kept alive."""
+        route = path.split("?")[0].rstrip("/")
+        if method == "GET" and route in ("/v1/models", "/models"):
+            conn.send_json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+            return True
+        if not route.endswith("/chat/completions"):
+            conn.send_json(404, error_body(f"Unknown path {path}", code="not_found"))
+            return True
+        try:
+            body = json.loads(raw_body or b"null")
+        except ValueError:
+            body = None
+        self.requests.append({"path": route, "headers": headers, "body": body, "at": time.monotonic()})
+        if method != "POST":
+            conn.send_json(405, error_body("Use POST"))
+            return True
+        if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
+            conn.send_json(401, error_body("Incorrect API key provided.", code="invalid_api_key"))
+            return True
+        if not isinstance(body, dict):
+            conn.send_json(400, error_body("We could not parse the JSON body of your request."))
+            return True
+        unknown = sorted(set(body) - KNOWN_PARAMS)
+        if unknown:
+            conn.send_json(400, error_body(f"Unrecognized request argument supplied: {unknown[0]}"))
+            return True
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            conn.send_json(400, error_body("'messages' must be a non-empty array", param="messages"))
+            return True
+
+        plan = self._plan_for(body)
+        stream = Stream(body)
+        conn.stream = stream
+        self.streams.append(stream)
+        try:
+            return await self._answer(conn, body, plan, stream)
+        finally:
+            if stream.open:
+                stream.closed_at = time.monotonic()
+            conn.stream = None
+
+    def _plan_for(self, body):
+        plan = None
+        if self.responder is not None:
+            plan = self.responder(body)
+        if plan is None and self.scripts:
+            plan = self.scripts.popleft()
+        plan = dict(plan or {})
+        if "text" not in plan and "tokens" not in plan and "tool_calls" not in plan:
+            plan["text"] = "You said: " + last_user_text(body["messages"])
+        plan.setdefault("ttft", self.ttft)
+        plan.setdefault("token_delay", self.token_delay)
+        return plan
+
+    async def _wait(self, conn, seconds):
+        """Sleep, but wake up early when the client closes the connection. True if it is still there."""
+        if seconds > 0 and not conn.closed.is_set():
+            try:
+                await asyncio.wait_for(conn.closed.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+        return not conn.closed.is_set()
+
+    async def _answer(self, conn, body, plan, stream):
+        if plan.get("hang"):
+            await conn.closed.wait()
+            return False
+        if not await self._wait(conn, plan.get("headers_delay", 0)):
+            return False
+        if plan.get("status"):
+            status = plan["status"]
+            conn.send_json(status, plan.get("error") or error_body(f"Scripted error {status}",
+                                                                    type_="api_error", code=str(status)))
+            stream.finished = True
+            return True
+
+        self._ids += 1
+        completion_id = f"chatcmpl-fake{self._ids:06d}"
+        model = body.get("model") or "fake-model"
+        tokens = plan.get("tokens") or (words(plan["text"]) if plan.get("text") else [])
+        tool_calls = [dict(call, id=call.get("id") or f"call_fake{self._ids:06d}_{i}")
+                      for i, call in enumerate(plan.get("tool_calls") or [])]
+        finish_reason = plan.get("finish_reason") or ("tool_calls" if tool_calls else "stop")
+
+        if not body.get("stream"):
+            if not await self._wait(conn, plan["ttft"]):
+                return False
+            message = {"role": "assistant", "content": "".join(tokens) if tokens or not tool_calls else None}
+            if tool_calls:
+                message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                          "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                         for c in tool_calls]
+            conn.send_json(200, {
+                "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens), "total_tokens": 10 + len(tokens)},
+            })
+            stream.finished = True
+            return True
+
+        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": model}
+
+        def event(payload):
+            data = b"data: " + payload + b"\n\n"
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        def chunk(delta, finish=None):
+            return event(json.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
+                                    separators=(",", ":")).encode())
+
+        deltas = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": token} for token in tokens]
+        for i, call in enumerate(tool_calls):
+            deltas.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                           "function": {"name": call["name"], "arguments": ""}}]})
+            arguments = call["arguments"]
+            for start in range(0, len(arguments), 8):
+                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": arguments[start:start + 8]}}]})
+
+        if not await self._wait(conn, plan["ttft"]):
+            return False
+        for n, delta in enumerate(deltas):
+            if n and plan["token_delay"]:
+                await asyncio.sleep(plan["token_delay"])
+            if conn.closed.is_set():
+                return False
+            if plan.get("cut_after") == n:
+                conn.transport.abort()
+                return False
+            if plan.get("malformed_after") == n:
+                conn.write(event(b'{"id": "broken", "choices": [{"delta": {"content": "oops'))
+            if plan.get("error_event_after") == n:
+                conn.write(event(json.dumps(error_body("The model crashed mid-answer.", type_="server_error"))
+                                 .encode()))
+                conn.write(event(b"[DONE]") + b"0\r\n\r\n")
+                stream.finished = True
+                return True
+            conn.write(chunk(delta))
+            stream.chunks_sent += 1
+        conn.write(chunk({}, finish_reason))
+        if not plan.get("no_done"):
+            conn.write(event(b"[DONE]"))
+        conn.write(b"0\r\n\r\n")
+        stream.finished = True
+        return True
+
+
+def last_user_text(messages):
+    """The text of the last user message, or "" if there is none."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else ""
+    return ""
+
+
+def words(text):
+    """Split text into chunks the way a model streams it: each word with its leading space."""
+    parts = text.split(" ")
+    return [parts[0]] + [" " + p for p in parts[1:]]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--ttft", type=float, default=0.2, help="seconds before the first chunk")
+    parser.add_argument("--token-delay", type=float, default=0.025, help="seconds between chunks")
+    args = parser.parse_args()
+    FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay).serve()
