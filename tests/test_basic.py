@@ -1,0 +1,40 @@
+"""What is particular to basic/: the whole answer first, then sent as the stream Vapi expects."""
+
+import json
+
+import pytest
+
+from conftest import load_fixture, post_chat, read_sse
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server("basic")
+
+
+def test_whole_answer_as_role_content_finish_done(server, fake):
+    fake.script({"text": "Sure thing! Do you prefer a morning or an afternoon?", "token_delay": 0.01})
+    response = post_chat(server, load_fixture("first-turn.json"))
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events, done = read_sse(response)
+    assert done
+    assert [event["choices"][0]["delta"] for event in events] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Sure thing! Do you prefer a morning or an afternoon?"},
+        {},
+    ]
+    assert [event["choices"][0]["finish_reason"] for event in events] == [None, None, "stop"]
+    assert len({event["id"] for event in events}) == 1
+    assert fake.chat_bodies()[0].get("stream") in (None, False), "basic asks the provider for the whole answer"
+
+
+def test_tool_calls_in_one_chunk_with_their_finish_reason(server, fake):
+    fake.script({"tool_calls": [{"name": "endCall", "arguments": "{}"},
+                                {"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+    events, done = read_sse(post_chat(server, load_fixture("with-vapi-tools.json")))
+    assert done
+    [tool_event] = [event for event in events if "tool_calls" in event["choices"][0]["delta"]]
+    calls = tool_event["choices"][0]["delta"]["tool_calls"]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "endCall"), (1, "transferCall")]
+    assert json.loads(calls[1]["function"]["arguments"]) == {"destination": "+15555550188"}
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
