@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 
 import gevent
@@ -64,6 +65,9 @@ STREAM_END = object()  # put on a line queue after the provider's last line
 
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
+app.debug = FLASK_DEBUG
+if FLASK_DEBUG:
+    log.warning("Flask debug mode is ON (FLASK_DEBUG=1): never expose this server to the internet")
 
 
 def error_response(status, message, type_="invalid_request_error", param=None, code=None):
@@ -309,6 +313,5 @@ def chat_completions():
 
 
 if __name__ == "__main__":
-    if FLASK_DEBUG:
-        log.warning("Flask debug mode is ON (FLASK_DEBUG=1): never expose this server to the internet")
-    app.run(host="0.0.0.0", port=int(os.getenv("PORT", "8000")), debug=FLASK_DEBUG, threaded=True)
+    # `python app.py` runs what `gunicorn app:app` runs: the gevent workers set up in gunicorn.conf.py.
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "app:app"])
