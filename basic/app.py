@@ -39,6 +39,7 @@ FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_compl
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client logs every request at INFO
 log = logging.getLogger("basic")
 if not OPENAI_API_KEY:
     log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (see .env.example)")

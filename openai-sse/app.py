@@ -47,6 +47,7 @@ MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "functi
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # X-Accel: tell nginx not to buffer
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client logs every request at INFO
 log = logging.getLogger("openai-sse")
 if not OPENAI_API_KEY:
     log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (see .env.example)")

@@ -36,6 +36,13 @@ BASE_ENV = {
     "LOG_LEVEL": "INFO",
     "FLASK_DEBUG": "",
     "WEB_CONCURRENCY": "1",
+    # openai-advanced
+    "KNOWLEDGE_DIR": "",
+    "MEMORY_ENABLED": "1",
+    "REWRITE_ENABLED": "",
+    "REWRITE_MODEL": "",
+    "AVAILABILITY_API_URL": "",
+    "FLUSH_AFTER_FILLER": "",
 }
 
 
@@ -69,7 +76,7 @@ class Server:
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{folder} did not start:\n{self.log()}")
@@ -116,10 +123,12 @@ def start_server(fake, tmp_path_factory):
     tmp_dir = tmp_path_factory.mktemp("servers")
 
     def start(folder, **env):
-        config = {**BASE_ENV, "OPENAI_BASE_URL": fake.base_url, **env}
-        key = (folder, tuple(sorted(config.items())))
+        key = (folder, tuple(sorted(env.items())))
         if key not in running:
+            memory_db = tmp_dir / f"memory-{len(running)}.sqlite3"  # never the folder's own memory file
+            config = {**BASE_ENV, "OPENAI_BASE_URL": fake.base_url, "MEMORY_DB_PATH": str(memory_db), **env}
             running[key] = Server(folder, config, tmp_dir)
+            running[key].env = config
         return running[key]
 
     yield start
@@ -164,3 +173,57 @@ def post_chat(server, body, path="/chat/completions", stream=None, **kwargs):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(server.url + path, data=data, headers=headers, stream=stream if stream is not None
                          else True, timeout=kwargs.pop("timeout", 15), **kwargs)
+
+
+class FakeSchedulingAPI:
+    """A stand-in for the external appointment API that openai-advanced's clinic_open_slots tool calls.
+
+    GET /slots?date=... answers {"date", "open_slots"}; set `mode` to "down" (HTTP 500) or "slow" (sleeps)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        api = self
+        self.mode, self.requests = "ok", []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                api.requests.append(self.path)
+                if api.mode == "slow":
+                    time.sleep(5)
+                status, body = (500, {"error": "boom"}) if api.mode == "down" else \
+                    (200, {"date": self.path.split("date=")[-1], "open_slots": ["09:30", "14:00"]})
+                data = json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="session")
+def scheduling_api():
+    api = FakeSchedulingAPI()
+    yield api
+    api.server.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def fresh_scheduling_api(request):
+    if "scheduling_api" in request.fixturenames:
+        api = request.getfixturevalue("scheduling_api")
+        api.mode = "ok"
+        api.requests.clear()
+    yield

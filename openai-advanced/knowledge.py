@@ -1,0 +1,91 @@
+"""Domain knowledge: the Markdown files in knowledge/, split into passages and searched with SQLite FTS5 (BM25).
+
+The index lives in memory, one per worker process, built at start-up in a few milliseconds and rebuilt when a
+file in the folder changes. No extra dependency: FTS5 is part of the SQLite that ships with Python.
+"""
+
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+MAX_PASSAGE_CHARS = 700  # a passage is one section of a document, split further if it is longer than this
+# Words that match almost every passage and would only add noise to a caller's question.
+STOPWORDS = set("""a about an and are as at be can could do does for from have how i i'd i'm if in is it its
+just me my of on or our please so than that the their them then there these they this to too us was we what
+when where which who why will with would you your yeah hi hello okay ok um uh like want need know""".split())
+
+
+def split_passages(text, source):
+    """Split a Markdown document into (source, heading, text) passages: one per section, or smaller."""
+    title, passages = source, []
+    for section in re.split(r"^(?=#)", text, flags=re.MULTILINE):
+        heading_line, _, body = section.partition("\n")
+        if not heading_line.startswith("#"):
+            heading_line, body = "", section
+        heading = heading_line.lstrip("#").strip()
+        if heading_line.startswith("# "):
+            title = heading
+        label = title if heading in ("", title) else f"{title}: {heading}"
+        body = " ".join(body.split())
+        while body:  # cut long sections after a sentence, MAX_PASSAGE_CHARS at most
+            cut = len(body) if len(body) <= MAX_PASSAGE_CHARS else body.rfind(". ", 0, MAX_PASSAGE_CHARS) + 1
+            cut = cut or MAX_PASSAGE_CHARS
+            passages.append((source, label, body[:cut].strip()))
+            body = body[cut:].strip()
+    return passages
+
+
+class Knowledge:
+    """Search the documents of one folder; `search(question)` returns the best passages as text."""
+
+    def __init__(self, folder, check_every_seconds=1.0):
+        self.folder = Path(folder)
+        self.check_every_seconds = check_every_seconds
+        self.db = sqlite3.connect(":memory:", check_same_thread=False)
+        self.db.execute("CREATE VIRTUAL TABLE passages USING fts5(source, heading, body, tokenize='porter unicode61')")
+        self.signature = None
+        self.checked_at = 0.0
+        self.refresh()
+
+    def files_signature(self):
+        """What changes when a document is added, removed or edited."""
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.glob("*.md")))
+
+    def refresh(self):
+        """Rebuild the index if the documents changed since the last look (looks at most once a second)."""
+        now = time.monotonic()
+        if self.signature is not None and now - self.checked_at < self.check_every_seconds:
+            return
+        self.checked_at = now
+        signature = self.files_signature()
+        if signature == self.signature:
+            return
+        with self.db:
+            self.db.execute("DELETE FROM passages")
+            for path in sorted(self.folder.glob("*.md")):
+                self.db.executemany("INSERT INTO passages VALUES (?, ?, ?)",
+                                    split_passages(path.read_text(encoding="utf-8"), path.stem))
+        self.signature = signature
+
+    def passage_count(self):
+        return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+
+    def search(self, question, limit=3, max_chars=1500):
+        """The passages that best match the question (BM25), most relevant first, at most max_chars in all."""
+        self.refresh()
+        words = {w for w in re.findall(r"[a-z0-9]+", question.lower()) if w not in STOPWORDS and len(w) > 1}
+        if not words:
+            return []
+        query = " OR ".join(f'"{word}"' for word in sorted(words))  # quoted: no FTS5 syntax from callers
+        rows = self.db.execute(
+            "SELECT heading, body FROM passages WHERE passages MATCH ? ORDER BY bm25(passages, 0, 2, 1) LIMIT ?",
+            (query, limit)).fetchall()
+        found, used = [], 0
+        for heading, body in rows:
+            passage = f"[{heading}] {body}"
+            if used + len(passage) > max_chars:
+                break
+            found.append(passage)
+            used += len(passage)
+        return found

@@ -1,0 +1,67 @@
+"""Server-side tools: functions the model may call that this server runs itself, between two model rounds.
+
+Each tool is an OpenAI function definition plus a Python function that takes the parsed arguments and returns a
+JSON-serialisable result. A failure is returned as {"error": "..."} so that the model can tell the caller
+about it; a tool never raises into the stream. Add a tool: write the function, add it to `build_tools`.
+"""
+
+import datetime
+import json
+import zoneinfo
+
+import requests
+
+
+def clinic_local_time(timezone):
+    """The date and time at the clinic (local, no network)."""
+    now = datetime.datetime.now(zoneinfo.ZoneInfo(timezone))
+    return {"now": now.strftime("%A %B %d %Y, %I:%M %p"), "timezone": timezone}
+
+
+def clinic_open_slots(api_url, timeout_seconds, date):
+    """Ask the scheduling API which appointment slots are free on a date."""
+    try:
+        response = requests.get(f"{api_url.rstrip('/')}/slots", params={"date": date}, timeout=timeout_seconds)
+        response.raise_for_status()
+        return {"date": date, "open_slots": response.json().get("open_slots", [])}
+    except requests.Timeout:
+        return {"error": "The scheduling system did not answer in time. Offer to have the front desk call back."}
+    except (requests.RequestException, ValueError, AttributeError):
+        return {"error": "The scheduling system is not available right now. Offer to have the front desk call back."}
+
+
+def build_tools(timezone, availability_api_url, availability_timeout_seconds):
+    """The server-side tools for this configuration: {name: (OpenAI tool definition, function(arguments))}."""
+    tools = {
+        "clinic_local_time": (
+            {"type": "function", "function": {
+                "name": "clinic_local_time",
+                "description": "Get the current date and time at the clinic.",
+                "parameters": {"type": "object", "properties": {}, "required": []}}},
+            lambda arguments: clinic_local_time(timezone)),
+    }
+    if availability_api_url:  # offered only when there is an API to ask
+        tools["clinic_open_slots"] = (
+            {"type": "function", "function": {
+                "name": "clinic_open_slots",
+                "description": "Look up free appointment slots at the clinic on a given date.",
+                "parameters": {"type": "object", "properties": {
+                    "date": {"type": "string", "description": "ISO date, e.g. 2026-01-06"}},
+                    "required": ["date"]}}},
+            lambda arguments: clinic_open_slots(availability_api_url, availability_timeout_seconds,
+                                                str(arguments.get("date", ""))))
+    return tools
+
+
+def run_tool(tools, name, arguments_json):
+    """Run one server-side tool call; returns the JSON string for the `role: "tool"` message."""
+    try:
+        arguments = json.loads(arguments_json or "{}")
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments must be a JSON object")
+    except ValueError:
+        return json.dumps({"error": f"The arguments for {name} were not a valid JSON object."})
+    try:
+        return json.dumps(tools[name][1](arguments))
+    except Exception as exc:  # a bug in a tool must not break the caller's stream
+        return json.dumps({"error": f"{name} failed: {type(exc).__name__}"})

@@ -1,0 +1,349 @@
+"""What openai-advanced adds: prompt shaping, knowledge, memory across calls, rewrite, server-side tools."""
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import load_fixture, post_chat, read_sse, streamed_text
+
+pytestmark = pytest.mark.skipif("openai-advanced" not in __import__("conftest").FOLDERS, reason="no folder yet")
+REWRITE_MARKER = "You clean up phone-call transcripts"
+
+
+@pytest.fixture
+def advanced(start_server, scheduling_api):
+    return start_server("openai-advanced", AVAILABILITY_API_URL=scheduling_api.url)
+
+
+def phone_call(text, number=None, call_id=None):
+    """A Vapi first-turn body from a given number with a given utterance."""
+    body = load_fixture("first-turn.json")
+    body["messages"][-1]["content"] = text
+    body["call"]["id"] = call_id or str(uuid.uuid4())
+    number = number or "+1555" + str(uuid.uuid4().int)[:7]
+    body["call"]["customer"]["number"] = body["customer"]["number"] = number
+    return body
+
+
+def system_prompt(fake_body):
+    return fake_body["messages"][0]["content"]
+
+
+def wait_for(condition, seconds=3.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def memory_rows(server, **where):
+    with sqlite3.connect(server.env["MEMORY_DB_PATH"]) as db:
+        clause = " AND ".join(f"{key} = ?" for key in where) or "1"
+        return db.execute(f"SELECT call_id, caller, user_text, assistant_text FROM turns WHERE {clause}",
+                          tuple(where.values())).fetchall()
+
+
+def main_requests(fake):
+    """The provider requests for answers (not the rewrite calls)."""
+    return [b for b in fake.chat_bodies() if REWRITE_MARKER not in json.dumps(b["messages"][0])]
+
+
+# --- prompt and knowledge --------------------------------------------------------------------------------------
+
+def test_knowledge_passage_and_the_users_own_prompt_reach_the_model(advanced, fake):
+    events, done = read_sse(post_chat(advanced, phone_call("What are your hours on Saturday?")))
+    assert done
+    prompt = system_prompt(fake.chat_bodies()[0])
+    assert prompt.startswith("You are Riley, the friendly phone receptionist for Acme Dental."), \
+        "the assistant's own system prompt comes first, unchanged"
+    assert "Saturday from 9:00 am to 1:00 pm" in prompt
+    assert "America/New_York" in prompt
+    assert "The caller's phone number is +1555" in prompt
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("How much is a cleaning without insurance?", "$145"),
+    ("Do you take Delta Dental?", "Delta Dental PPO"),
+    ("Where can I park?", "garage under the building"),
+    ("Is there a fee if I cancel late?", "$50 fee"),
+])
+def test_the_right_passage_for_each_question(advanced, fake, question, expected):
+    read_sse(post_chat(advanced, phone_call(question)))
+    assert expected in system_prompt(fake.chat_bodies()[0])
+
+
+def test_web_call_without_system_prompt_or_number_still_gets_context(advanced, fake):
+    body = load_fixture("web-call-first-turn.json")
+    body["messages"] = body["messages"][1:]  # no system message at all
+    events, done = read_sse(post_chat(advanced, body))
+    assert done
+    messages = fake.chat_bodies()[0]["messages"]
+    assert messages[0]["role"] == "system" and "at the clinic" in messages[0]["content"]
+    assert "phone number" not in messages[0]["content"]
+    assert messages[1:] == body["messages"]
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+
+def test_a_second_call_from_the_same_number_sees_the_first(advanced, fake):
+    number = "+15550001111"
+    read_sse(post_chat(advanced, phone_call("Do you whiten teeth?", number)))
+    assert wait_for(lambda: memory_rows(advanced, caller=number))
+    read_sse(post_chat(advanced, phone_call("Hi, I called before.", number)))
+    read_sse(post_chat(advanced, phone_call("Hi, first time calling.", "+15550002222")))
+    second, other = system_prompt(fake.chat_bodies()[1]), system_prompt(fake.chat_bodies()[2])
+    assert "Earlier calls from this number" in second
+    assert 'caller said "Do you whiten teeth?"' in second
+    assert 'you answered "You said: Do you whiten teeth?"' in second
+    assert "Earlier calls" not in other and "whiten teeth" not in other
+
+
+def test_the_current_call_is_not_an_earlier_call(advanced, fake):
+    body = phone_call("Do you see children?")
+    read_sse(post_chat(advanced, body))
+    assert wait_for(lambda: memory_rows(advanced, call_id=body["call"]["id"]))
+    read_sse(post_chat(advanced, body))
+    assert "Earlier calls" not in system_prompt(fake.chat_bodies()[1])
+
+
+def test_memory_stores_the_turn_once_with_the_original_words(advanced):
+    body = phone_call("Can I bring my son?")
+    read_sse(post_chat(advanced, body))
+    assert wait_for(lambda: memory_rows(advanced, call_id=body["call"]["id"]))
+    assert memory_rows(advanced, call_id=body["call"]["id"]) == [
+        (body["call"]["id"], body["customer"]["number"], "Can I bring my son?", "You said: Can I bring my son?")]
+
+
+def test_tool_result_turns_and_web_calls_are_not_stored(advanced):
+    body = load_fixture("after-tool-call.json")
+    body["call"]["id"] = call_id = str(uuid.uuid4())
+    read_sse(post_chat(advanced, body))
+    web = load_fixture("web-call-first-turn.json")
+    web["call"]["id"] = web_id = str(uuid.uuid4())
+    read_sse(post_chat(advanced, web))
+    time.sleep(0.2)
+    assert memory_rows(advanced, call_id=call_id) == [] and memory_rows(advanced, call_id=web_id) == []
+
+
+def test_an_interrupted_turn_is_not_stored(advanced, fake):
+    import socket
+    fake.script({"text": " ".join(["word"] * 100), "token_delay": 0.05})
+    body = phone_call("Tell me everything.")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", advanced.port))
+    sock.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    sock.recv(4096)
+    sock.close()
+    assert wait_for(lambda: fake.streams and not fake.streams[0].open)
+    time.sleep(0.2)
+    assert memory_rows(advanced, call_id=body["call"]["id"]) == []
+
+
+def test_memory_off_stores_nothing(start_server, fake, tmp_path):
+    database = tmp_path / "off.sqlite3"
+    server = start_server("openai-advanced", MEMORY_ENABLED="0", MEMORY_DB_PATH=str(database))
+    number = "+15550003333"
+    for text in ("First call.", "Second call."):
+        read_sse(post_chat(server, phone_call(text, number)))
+    assert not database.exists()
+    assert "Earlier calls" not in system_prompt(fake.chat_bodies()[1])
+
+
+def test_retention_removes_old_turns(advanced, fake):
+    number = "+15550004444"
+    with sqlite3.connect(advanced.env["MEMORY_DB_PATH"]) as db:
+        db.execute("INSERT INTO turns (call_id, caller, user_text, assistant_text, created_at) VALUES "
+                   "('old-call', ?, 'Ancient question', 'Ancient answer', ?)", (number, time.time() - 40 * 86400))
+    read_sse(post_chat(advanced, phone_call("Hello again.", number)))
+    assert "Ancient question" not in system_prompt(fake.chat_bodies()[0]), "older than MEMORY_RETENTION_DAYS"
+    assert wait_for(lambda: memory_rows(advanced, caller=number, user_text="Hello again."))
+    assert memory_rows(advanced, call_id="old-call") == [], "deleted on the next write"
+
+
+# --- rewrite ---------------------------------------------------------------------------------------------------
+
+def rewrite_responder(plan):
+    return lambda body: plan if REWRITE_MARKER in json.dumps(body["messages"][0]) else None
+
+
+def test_rewrite_on_the_model_sees_the_rewritten_words(start_server, fake):
+    server = start_server("openai-advanced", REWRITE_ENABLED="1")
+    fake.responder = rewrite_responder({"text": "What are your opening hours on Saturday?"})
+    body = phone_call("uh what r ur hours sat")
+    events, done = read_sse(post_chat(server, body))
+    assert done
+    [rewrite_request] = [b for b in fake.chat_bodies() if b not in main_requests(fake)]
+    assert "uh what r ur hours sat" in rewrite_request["messages"][1]["content"]
+    [answer_request] = main_requests(fake)
+    assert answer_request["messages"][-1]["content"] == "What are your opening hours on Saturday?"
+    assert "Saturday from 9:00 am" in system_prompt(answer_request), "knowledge uses the rewritten question"
+    assert wait_for(lambda: body["call"]["id"] in server.log())
+    assert "rewrite_ms=" in server.log()
+
+
+@pytest.mark.parametrize("plan", [{"ttft": 5}, {"status": 500}, {"hang": True}], ids=["slow", "error", "hang"])
+def test_rewrite_that_fails_keeps_the_original_within_the_budget(start_server, fake, plan):
+    server = start_server("openai-advanced", REWRITE_ENABLED="1", REWRITE_BUDGET_MS="500")
+    fake.responder = rewrite_responder(plan)
+    started = time.monotonic()
+    response = post_chat(server, phone_call("uh what r ur hours sat"))
+    events, done = read_sse(response)
+    assert done and streamed_text(events) == "You said: uh what r ur hours sat"
+    assert time.monotonic() - started < 0.5 + 1.0
+    assert main_requests(fake)[0]["messages"][-1]["content"] == "uh what r ur hours sat"
+
+
+def test_rewrite_never_touches_a_tool_turn(start_server, fake):
+    server = start_server("openai-advanced", REWRITE_ENABLED="1")
+    fake.responder = rewrite_responder({"text": "SHOULD NOT APPEAR"})
+    body = load_fixture("after-tool-call.json")
+    read_sse(post_chat(server, body))
+    assert len(fake.chat_bodies()) == 1, "no rewrite call when the turn ends with a tool result"
+    assert fake.chat_bodies()[0]["messages"][-1] == body["messages"][-1]
+
+
+# --- server-side tools -----------------------------------------------------------------------------------------
+
+def tool_then_answer(name, arguments, answer="We have 9:30 or 2 pm open on Tuesday."):
+    """Provider script: call the tool first; once a tool result is in the messages, answer in words."""
+    def respond(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"text": answer}
+        return {"tool_calls": [{"name": name, "arguments": arguments}]}
+    return respond
+
+
+def test_server_tool_round_trip(advanced, fake, scheduling_api):
+    fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}')
+    response = post_chat(advanced, phone_call("Anything open next Tuesday?"))
+    raw = response.content.decode()
+    events, done = read_sse(type("R", (), {"iter_lines": lambda self, **k: iter(raw.split("\n"))})())
+    assert done and raw.rstrip().endswith("data: [DONE]")
+    assert streamed_text(events) == "One moment while I check that.We have 9:30 or 2 pm open on Tuesday."
+    assert not any("tool_calls" in e["choices"][0]["delta"] for e in events), "server tools are not Vapi's"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert scheduling_api.requests == ["/slots?date=2026-01-06"]
+
+    first, second = fake.chat_bodies()
+    assert "clinic_open_slots" in [t["function"]["name"] for t in first["tools"]]
+    assistant, tool = second["messages"][-2:]
+    assert assistant["role"] == "assistant" and assistant["tool_calls"][0]["function"] == {
+        "name": "clinic_open_slots", "arguments": '{"date": "2026-01-06"}'}
+    assert tool == {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"],
+                    "content": json.dumps({"date": "2026-01-06", "open_slots": ["09:30", "14:00"]})}
+
+
+def test_local_tool_round_trip(advanced, fake):
+    fake.responder = tool_then_answer("clinic_local_time", "{}", "It is just after nine.")
+    events, done = read_sse(post_chat(advanced, phone_call("Are you open right now?")))
+    assert done and streamed_text(events).endswith("It is just after nine.")
+    result = json.loads(fake.chat_bodies()[1]["messages"][-1]["content"])
+    assert result["timezone"] == "America/New_York" and result["now"]
+
+
+@pytest.mark.parametrize("mode", ["down", "slow", "unreachable"])
+def test_scheduling_api_failure_becomes_a_result_the_model_can_talk_about(start_server, fake, scheduling_api,
+                                                                            mode):
+    url = scheduling_api.url if mode != "unreachable" else "http://127.0.0.1:9"
+    server = start_server("openai-advanced", AVAILABILITY_API_URL=url, AVAILABILITY_TIMEOUT_SECONDS="1")
+    scheduling_api.mode = mode
+    fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}',
+                                      "Sorry, I can't see the calendar right now.")
+    events, done = read_sse(post_chat(server, phone_call("Anything open Tuesday?")))
+    assert done and streamed_text(events).endswith("Sorry, I can't see the calendar right now.")
+    assert "error" in json.loads(fake.chat_bodies()[1]["messages"][-1]["content"])
+
+
+def test_vapi_tools_pass_through_untouched(advanced, fake):
+    fake.script({"tokens": ["Connecting you now."],
+                 "tool_calls": [{"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+    events, done = read_sse(post_chat(advanced, load_fixture("with-vapi-tools.json")))
+    assert done and len(fake.chat_bodies()) == 1
+    calls = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"] == {"name": "transferCall", "arguments": ""} and calls[0]["index"] == 0
+    assert "".join(c["function"].get("arguments", "") for c in calls) == '{"destination":"+15555550188"}'
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_when_one_answer_calls_both_kinds_vapi_tools_win(advanced, fake):
+    fake.script({"tool_calls": [{"name": "clinic_local_time", "arguments": "{}"},
+                                {"name": "endCall", "arguments": "{}"}]})
+    events, done = read_sse(post_chat(advanced, load_fixture("with-vapi-tools.json")))
+    assert done and len(fake.chat_bodies()) == 1, "the server-side call is dropped, not run"
+    calls = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert {c["function"].get("name") for c in calls} - {None} == {"endCall"}
+    assert {c["index"] for c in calls} == {0}, "renumbered from 1 to 0"
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_round_limit(start_server, fake):
+    server = start_server("openai-advanced", MAX_TOOL_ROUNDS="2")
+
+    def always_the_tool(body):
+        offered = [t["function"]["name"] for t in body.get("tools", [])]
+        if "clinic_local_time" in offered:
+            return {"tool_calls": [{"name": "clinic_local_time", "arguments": "{}"}]}
+        return {"text": "Let me have someone call you back."}
+
+    fake.responder = always_the_tool
+    events, done = read_sse(post_chat(server, phone_call("What time is it there?")))
+    assert done and streamed_text(events).endswith("Let me have someone call you back.")
+    assert len(fake.chat_bodies()) == 3, "two tool rounds, then one answer without server-side tools"
+    assert streamed_text(events).count("One moment while I check that.") == 1
+
+
+def test_flush_after_filler(start_server, fake):
+    server = start_server("openai-advanced", FLUSH_AFTER_FILLER="1")
+    fake.responder = tool_then_answer("clinic_local_time", "{}", "Nine.")
+    events, _ = read_sse(post_chat(server, phone_call("What time is it?")))
+    assert streamed_text(events) == "One moment while I check that. <flush />Nine."
+
+
+def test_stream_false_runs_the_same_tool_rounds(advanced, fake):
+    fake.responder = tool_then_answer("clinic_local_time", "{}", "It is nine.")
+    body = {**phone_call("What time is it?"), "stream": False}
+    response = post_chat(advanced, body)
+    assert response.json()["choices"][0]["message"]["content"] == "It is nine."
+    assert fake.chat_bodies()[1]["messages"][-1]["role"] == "tool"
+
+
+# --- latency accounting and load --------------------------------------------------------------------------------
+
+def test_log_line_times_each_step(advanced):
+    body = phone_call("Hours on Friday?")
+    read_sse(post_chat(advanced, body))
+    assert wait_for(lambda: body["call"]["id"] in advanced.log())
+    [line] = [line for line in advanced.log().splitlines() if body["call"]["id"] in line]
+    assert "knowledge_ms=" in line
+    assert "memory_ms=" in line and "rounds=0" in line and "Friday" not in line
+
+
+def test_concurrent_calls_under_two_workers_store_every_turn_once(start_server, fake, tmp_path):
+    server = start_server("openai-advanced", WEB_CONCURRENCY="2", MEMORY_DB_PATH=str(tmp_path / "load.sqlite3"))
+    fake.token_delay = 0.005
+    numbers = [f"+1555000{n:04d}" for n in range(8)]
+    bodies = [phone_call(f"Question {i} from caller {i % 8}", numbers[i % 8]) for i in range(48)]
+    errors = []
+
+    def call(body):
+        try:
+            events, done = read_sse(post_chat(server, body, timeout=30))
+            assert done and streamed_text(events) == "You said: " + body["messages"][-1]["content"]
+        except Exception as exc:  # collected and asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=call, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert wait_for(lambda: len(memory_rows(server)) == 48, 5)
+    rows = memory_rows(server)
+    assert sorted(row[0] for row in rows) == sorted(body["call"]["id"] for body in bodies), "each turn once"
+    assert "locked" not in server.log() and "Traceback" not in server.log()
