@@ -100,7 +100,7 @@ def test_server_is_healthy_after_hang_ups(server, fake):
 
 def test_fifty_concurrent_calls_complete_without_mixing(folder, start_server, fake):
     server = start_server(folder, WEB_CONCURRENCY="2")
-    fake.token_delay = 0.02
+    fake.ttft, fake.token_delay = 1.0, 0.02  # long enough for all 50 to be open at once
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=30)
     results, errors = {}, []
 
