@@ -33,7 +33,7 @@ OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # lon
 OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
 MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
 LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
-FLASK_DEBUG = os.getenv("FLASK_DEBUG", "") == "1"  # never on a server that ngrok exposes
+FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # never on a server ngrok exposes
 CALLER_CHECK_SECONDS = 0.05  # while the provider is silent, how often to look whether the caller hung up
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer, phoneNumber,
@@ -61,14 +61,18 @@ if not CUSTOM_LLM_API_KEY:
 # Our own silence watch (next_line) gives up after OPENAI_TIMEOUT_SECONDS; the SDK's timeout is the backstop.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
                        timeout=OPENAI_TIMEOUT_SECONDS + 1, max_retries=OPENAI_MAX_RETRIES)
-completions = client.chat.completions  # resolves the SDK's lazily loaded modules now, not on the first call
+# Warm the SDK up now, not on the first caller's turn: its lazily loaded modules, and its platform headers
+# (worked out once with a `uname -p` subprocess, which a burst of first calls would otherwise each start).
+completions = client.chat.completions
+client.platform_headers()
 STREAM_END = object()  # put on a line queue after the provider's last line
 
 app = Flask(__name__)
 app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
-app.debug = FLASK_DEBUG
+app.debug = FLASK_DEBUG  # only when asked for; Flask's debugger would show code to anyone who can reach it
 if FLASK_DEBUG:
-    log.warning("Flask debug mode is ON (FLASK_DEBUG=1): never expose this server to the internet")
+    log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the internet",
+                os.getenv("FLASK_DEBUG"))
 
 
 def error_response(status, message, type_="invalid_request_error", param=None, code=None):
@@ -78,6 +82,8 @@ def error_response(status, message, type_="invalid_request_error", param=None, c
 
 def provider_error(exc):
     """The status and error body for a failed provider call: its own 4xx, 502 for 5xx or no answer, 504 for slow."""
+    if isinstance(exc, UnicodeEncodeError):  # the SDK could not encode the request: a lone surrogate (\ud800)
+        return error_response(400, "The request contains text that is not valid Unicode.")
     if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
         return error_response(504, "The model provider did not answer in time (OPENAI_TIMEOUT_SECONDS).",
                               "timeout_error", code="provider_timeout")
@@ -100,12 +106,17 @@ def authorized(authorization):
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), CUSTOM_LLM_API_KEY.encode())
 
 
+def reject_constant(name):
+    """NaN and Infinity are not JSON: Python would accept them, the provider would not."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_chat_request():
     """Read Vapi's body leniently and build the provider request strictly; returns (body, upstream, error)."""
     if not request.is_json:
         return None, None, error_response(400, "Content-Type must be application/json.")
     try:
-        body = json.loads(request.get_data())
+        body = json.loads(request.get_data(), parse_constant=reject_constant)
     except (ValueError, RecursionError):
         return None, None, error_response(400, "The request body is not valid JSON.")
     if not isinstance(body, dict):
@@ -283,7 +294,7 @@ def chat_completions():
     if not stream:
         try:
             completion = completions.create(**upstream)
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, ValueError) as exc:  # ValueError: the provider sent broken JSON
             response, status = provider_error(exc)
             log_request(body, upstream["model"], stream, status, started)
             return response, status

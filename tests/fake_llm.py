@@ -18,6 +18,7 @@ By default it answers "You said: <the last user message>" one word per chunk. Te
     malformed_after      send a line that is not JSON after this many chunks
     error_event_after    send an in-band {"error": ...} event after this many chunks
     no_done              end the stream without the final "data: [DONE]"
+    only_done            send nothing but "data: [DONE]"
     finish_reason        overrides "stop" / "tool_calls"
 
 It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it records every
@@ -135,9 +136,10 @@ class Connection(asyncio.Protocol):
 class FakeLLM:
     """The stand-in server. Start it in a background thread with start(), or in the foreground with serve()."""
 
-    def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None):
+    def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None, keep=None):
         self.host, self.port = host, port
         self.ttft, self.token_delay = ttft, token_delay
+        self.keep = keep                # keep only the last `keep` requests and streams (for long benchmarks)
         self.api_key = api_key          # when set, requests must carry it as a bearer token
         self.requests = []              # every request: {"path", "headers", "body", "at"}
         self.streams = []               # every response to a chat request, as Stream objects
@@ -209,6 +211,8 @@ class FakeLLM:
     async def respond(self, conn, method, path, headers, raw_body):
         """Answer one request; returns whether the connection may be kept alive."""
         route = path.split("?")[0].rstrip("/")
+        if route.startswith("/_fake/"):
+            return self.control(conn, route, raw_body)
         if method == "GET" and route in ("/v1/models", "/models"):
             conn.send_json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
             return True
@@ -241,12 +245,34 @@ class FakeLLM:
         stream = Stream(body)
         conn.stream = stream
         self.streams.append(stream)
+        if self.keep and len(self.streams) > 2 * self.keep:
+            del self.streams[:-self.keep], self.requests[:-self.keep]
         try:
             return await self._answer(conn, body, plan, stream)
         finally:
             if stream.open:
                 stream.closed_at = time.monotonic()
             conn.stream = None
+
+    def control(self, conn, route, raw_body):
+        """For a stand-in in another process (the benchmark): /_fake/stats, /_fake/streams, /_fake/script, /_fake/reset."""
+        if route == "/_fake/stats":
+            conn.send_json(200, {"open": len(self.open_streams()), "streams": len(self.streams)})
+        elif route == "/_fake/streams":
+            conn.send_json(200, [{"opened_at": s.opened_at, "closed_at": s.closed_at, "finished": s.finished,
+                                  "client_closed": s.client_closed, "chunks_sent": s.chunks_sent}
+                                 for s in self.streams[-100:]])
+        elif route == "/_fake/script":
+            self.script(json.loads(raw_body))
+            conn.send_json(200, {"queued": len(self.scripts)})
+        elif route == "/_fake/reset":
+            self.requests.clear()
+            self.streams.clear()
+            self.scripts.clear()
+            conn.send_json(200, {"reset": True})
+        else:
+            conn.send_json(404, error_body("Unknown control path"))
+        return True
 
     def _plan_for(self, body):
         plan = None
@@ -291,9 +317,17 @@ class FakeLLM:
                       for i, call in enumerate(plan.get("tool_calls") or [])]
         finish_reason = plan.get("finish_reason") or ("tool_calls" if tool_calls else "stop")
 
-        if not body.get("stream"):
-            if not await self._wait(conn, plan["ttft"]):
+        if not body.get("stream"):  # the whole answer takes as long as streaming it would
+            if not await self._wait(conn, plan["ttft"] + plan["token_delay"] * len(tokens)):
                 return False
+            if plan.get("cut_after") is not None:
+                conn.transport.abort()
+                return False
+            if plan.get("malformed_after") is not None:
+                conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n"
+                           b'{"id": "broken", "choices": ')
+                stream.finished = True
+                return True
             message = {"role": "assistant", "content": "".join(tokens) if tokens or not tool_calls else None}
             if tool_calls:
                 message["tool_calls"] = [{"id": c["id"], "type": "function",
@@ -331,6 +365,8 @@ class FakeLLM:
 
         if not await self._wait(conn, plan["ttft"]):
             return False
+        if plan.get("only_done"):
+            deltas = []
         for n, delta in enumerate(deltas):
             if n and plan["token_delay"]:
                 await asyncio.sleep(plan["token_delay"])
@@ -349,7 +385,8 @@ class FakeLLM:
                 return True
             conn.write(chunk(delta))
             stream.chunks_sent += 1
-        conn.write(chunk({}, finish_reason))
+        if not plan.get("only_done"):
+            conn.write(chunk({}, finish_reason))
         if not plan.get("no_done"):
             conn.write(event(b"[DONE]"))
         conn.write(b"0\r\n\r\n")
@@ -380,5 +417,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--ttft", type=float, default=0.2, help="seconds before the first chunk")
     parser.add_argument("--token-delay", type=float, default=0.025, help="seconds between chunks")
+    parser.add_argument("--keep", type=int, default=1000, help="how many requests and streams to remember")
     args = parser.parse_args()
-    FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay).serve()
+    FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay, keep=args.keep).serve()
