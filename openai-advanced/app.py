@@ -48,6 +48,7 @@ FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # ne
 CALLER_CHECK_SECONDS = 0.05  # while the provider is silent, how often to look whether the caller hung up
 # What this server adds (see README.md)
 CLINIC_TIMEZONE = os.getenv("CLINIC_TIMEZONE", "America/New_York")
+CLINIC_TZ = zoneinfo.ZoneInfo(CLINIC_TIMEZONE)  # a wrong name fails here, at start-up
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
@@ -282,10 +283,22 @@ def rewrite_utterance(messages, model):
         return None
 
 
+def render_context(caller, earlier, passages):
+    """prompt.md filled in for this turn; a section with nothing to say is left empty."""
+    return PROMPT_TEMPLATE.safe_substitute(
+        now=datetime.datetime.now(CLINIC_TZ).strftime("%A %B %d %Y, %I:%M %p"), timezone=CLINIC_TIMEZONE,
+        caller=f"The caller's phone number is {caller}." if caller else "",
+        earlier_calls="Earlier calls from this number (most recent first):\n" + "".join(
+            f"- {datetime.datetime.fromtimestamp(at, CLINIC_TZ):%b %d}: caller said \"{said[:200]}\"; "
+            f"you answered \"{answered[:200]}\"\n" for at, said, answered in earlier) if earlier else "",
+        knowledge="Clinic information for this question:\n" + "".join(f"- {p}\n" for p in passages)
+        if passages else "")
+
+
 def shape_request(body, upstream, steps):
-    """Put this turn's context into the system prompt, rewrite the last utterance if enabled, offer the
-    server-side tools. Records the milliseconds of each step in `steps`; returns the caller's original words
-    (to remember the turn by) or None when the turn does not end with the caller speaking."""
+    """Rewrite the last utterance if enabled, and append this turn's context to the system prompt.
+    Records the milliseconds of each step in `steps`; returns the caller's original words (to remember the turn
+    by), or None when the turn does not end with the caller speaking."""
     messages = upstream["messages"]
     last_is_user = messages[-1]["role"] == "user" and bool(text_of(messages[-1].get("content")).strip())
     user_text = text_of(messages[-1].get("content")) if last_is_user else None
@@ -304,20 +317,16 @@ def shape_request(body, upstream, steps):
     steps["knowledge_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
 
     started = time.perf_counter()
-    caller = caller_number(body)
-    earlier = memory.recall(caller, call_id_of(body), MEMORY_MAX_TURNS) if memory and caller else []
+    caller, earlier = caller_number(body), []
+    if memory and caller:
+        try:
+            earlier = memory.recall(caller, call_id_of(body), MEMORY_MAX_TURNS)
+        except sqlite3.Error as exc:  # a broken memory file must not break the call
+            log.error("memory read failed: %s", exc)
     steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
 
-    timezone = zoneinfo.ZoneInfo(CLINIC_TIMEZONE)
-    context = PROMPT_TEMPLATE.safe_substitute(
-        now=datetime.datetime.now(timezone).strftime("%A %B %d %Y, %I:%M %p"), timezone=CLINIC_TIMEZONE,
-        caller=f"The caller's phone number is {caller}." if caller else "",
-        earlier_calls="Earlier calls from this number (most recent first):\n" + "\n".join(
-            f"- {datetime.datetime.fromtimestamp(at, timezone):%b %d}: caller said \"{said}\"; "
-            f"you answered \"{answered}\"" for at, said, answered in earlier) + "\n" if earlier else "",
-        knowledge="Clinic information for this question:\n" + "\n".join(f"- {p}" for p in passages) + "\n"
-        if passages else "")
     # The assistant's own system prompt from Vapi comes first; the server's context is appended to it.
+    context = render_context(caller, earlier, passages)
     if messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):
         messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + context}
     else:
@@ -366,89 +375,106 @@ def malformed_chunk_error(chunk):
         "code": "bad_chunk"}}
 
 
-def relay_with_tools(first_line, lines, provider, upstream, server_tools, client_socket, turn):
+def sort_tool_calls(call_deltas, calls, vapi_index, server_tools, rounds):
+    """Add streamed tool-call fragments to `calls` (by index). Returns the fragments of Vapi's tools, renumbered
+    from 0 (a server-side call may have taken index 0), and whether a server-side call is among them."""
+    to_vapi, ours = [], False
+    for call_delta in call_deltas:
+        function = call_delta.get("function") or {}
+        index = call_delta.get("index", 0)
+        call = calls.setdefault(index, {"id": call_delta.get("id") or f"call_{rounds}_{index}",
+                                        "name": function.get("name") or "", "arguments": ""})
+        call["arguments"] += function.get("arguments") or ""
+        if call["name"] in server_tools:
+            ours = True
+        else:
+            to_vapi.append({**call_delta, "index": vapi_index.setdefault(index, len(vapi_index))})
+    return to_vapi, ours
+
+
+def tool_round_messages(server_calls, server_tools):
+    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message per call."""
+    return [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+        for call in server_calls]}] + [
+        {"role": "tool", "tool_call_id": call["id"], "content": run_tool(server_tools, call["name"], call["arguments"])}
+        for call in server_calls]
+
+
+def relay_with_tools(first_line, lines, provider, upstream, server_tools, client_socket, turn, turn_done):
     """Relay the provider's stream like openai-sse, and run server-side tools between rounds.
 
     Text and Vapi's tool calls go to the caller as they arrive. A tool call for a server-side tool is held
     back: the caller hears TOOL_FILLER, the tool runs here, its result goes back to the model, and the model's
     next round is relayed in the same response. If one answer calls both kinds, Vapi's tools win: they pass
     through, the server-side calls are dropped. After MAX_TOOL_ROUNDS the server-side tools are not offered."""
-    line, rounds, spoken, filler_sent = first_line, 0, [], False
+    line, rounds, spoken, filler_sent, failed = first_line, 0, [], False, False
     try:
-        while True:  # one provider round per iteration
-            calls, vapi_index, held_finish, error_event = {}, {}, None, None
-            while line is not STREAM_END and line is not None and line != "[DONE]":
-                if isinstance(line, Exception):
-                    break
-                try:
-                    chunk = json.loads(line)
-                except ValueError:
-                    chunk = None
-                if not isinstance(chunk, dict) or "error" in chunk or not isinstance(chunk.get("choices"), list):
-                    error_event = malformed_chunk_error(chunk)  # Vapi fails a call on a chunk without choices
-                    break
-                choice = chunk["choices"][0] if chunk["choices"] and isinstance(chunk["choices"][0], dict) else {}
-                delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-                if isinstance(delta.get("content"), str):
-                    spoken.append(delta["content"])
-                    turn["first_token_at"] = turn["first_token_at"] or time.perf_counter()
-                if isinstance(delta.get("tool_calls"), list):
-                    to_vapi = []
-                    for call_delta in delta["tool_calls"]:
-                        function = call_delta.get("function") or {}
-                        index = call_delta.get("index", 0)
-                        call = calls.setdefault(index, {"id": call_delta.get("id") or f"call_{rounds}_{index}",
-                                                        "name": function.get("name") or "", "arguments": ""})
-                        call["arguments"] += function.get("arguments") or ""
-                        if call["name"] in server_tools:
-                            if not filler_sent:  # no dead air while the tool runs
-                                filler = TOOL_FILLER + (" <flush />" if FLUSH_AFTER_FILLER else "")
-                                yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": filler},
-                                                                 "finish_reason": None}]})
-                                filler_sent, turn["first_token_at"] = True, turn["first_token_at"] or time.perf_counter()
-                        else:  # Vapi's tool: passed on, renumbered in case a server-side call took index 0
-                            to_vapi.append({**call_delta, "index": vapi_index.setdefault(index, len(vapi_index))})
-                            turn["first_token_at"] = turn["first_token_at"] or time.perf_counter()
-                    if to_vapi or delta.get("content"):
-                        yield sse({**chunk, "choices": [{**choice, "delta": {**delta, "tool_calls": to_vapi}
-                                                         if to_vapi else {"content": delta["content"]}}]})
-                elif choice.get("finish_reason") == "tool_calls" and len(vapi_index) < len(calls):
-                    held_finish = chunk  # the round ends in server-side tool calls: not the end for Vapi
-                else:
-                    yield b"data: " + line.encode() + b"\n\n"  # the provider's own bytes
-                turn["chunks"] += 1
-                line = next_line(lines, client_socket)
+        try:
+            while True:  # one provider round per iteration
+                calls, vapi_index, held_finish, error_event = {}, {}, None, None
+                while line is not STREAM_END and line is not None and line != "[DONE]":
+                    if isinstance(line, Exception):
+                        error_event = provider_error(line)[0]
+                        break
+                    try:
+                        chunk = json.loads(line)
+                    except ValueError:
+                        chunk = None
+                    if not isinstance(chunk, dict) or "error" in chunk or not isinstance(chunk.get("choices"), list):
+                        error_event = malformed_chunk_error(chunk)  # Vapi fails a call on a chunk without choices
+                        break
+                    choice = chunk["choices"][0] if chunk["choices"] else {}
+                    delta = choice.get("delta") or {}
+                    if not turn["first_token_at"] and (delta.get("content") or delta.get("tool_calls")):
+                        turn["first_token_at"] = time.perf_counter()
+                    if isinstance(delta.get("content"), str):
+                        spoken.append(delta["content"])
+                    if delta.get("tool_calls"):
+                        to_vapi, ours = sort_tool_calls(delta["tool_calls"], calls, vapi_index, server_tools, rounds)
+                        if ours and not filler_sent:  # no dead air while the tool runs
+                            filler = TOOL_FILLER + (" <flush />" if FLUSH_AFTER_FILLER else "")
+                            yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": filler},
+                                                             "finish_reason": None}]})
+                            filler_sent = True
+                        if to_vapi or delta.get("content"):
+                            yield sse({**chunk, "choices": [{**choice, "delta": {**delta, "tool_calls": to_vapi}
+                                                             if to_vapi else {"content": delta["content"]}}]})
+                    elif choice.get("finish_reason") == "tool_calls" and len(vapi_index) < len(calls):
+                        held_finish = chunk  # the round ends in server-side tool calls: not the end for Vapi
+                    else:
+                        yield b"data: " + line.encode() + b"\n\n"  # the provider's own bytes
+                    turn["chunks"] += 1
+                    line = next_line(lines, client_socket)
 
-            if line is None:  # the caller hung up
-                return
-            if isinstance(line, Exception):
-                error_event = provider_error(line)[0]
-            if error_event:
-                yield sse(error_event)
+                if line is None:  # the caller hung up
+                    return
+                if error_event:
+                    failed = True
+                    yield sse(error_event)
+                    break
+                server_calls = [call for call in calls.values() if call["name"] in server_tools]
+                if server_calls and not vapi_index and rounds < MAX_TOOL_ROUNDS:
+                    rounds += 1
+                    upstream["messages"] += tool_round_messages(server_calls, server_tools)
+                    provider, lines = start_round(upstream, server_tools if rounds < MAX_TOOL_ROUNDS else {})
+                    line = next_line(lines, client_socket)
+                    continue
+                if held_finish:  # server-side calls dropped (Vapi tools won, or the round limit): end the turn
+                    finish = "tool_calls" if vapi_index else "stop"
+                    yield sse({**held_finish, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
                 break
-            server_calls = [call for call in calls.values() if call["name"] in server_tools]
-            if server_calls and not vapi_index and rounds < MAX_TOOL_ROUNDS:
-                rounds += 1
-                upstream["messages"] += [{"role": "assistant", "content": None, "tool_calls": [
-                    {"id": call["id"], "type": "function",
-                     "function": {"name": call["name"], "arguments": call["arguments"]}} for call in server_calls]}]
-                upstream["messages"] += [{"role": "tool", "tool_call_id": call["id"],
-                                          "content": run_tool(server_tools, call["name"], call["arguments"])}
-                                         for call in server_calls]
-                provider, lines = start_round(upstream, server_tools if rounds < MAX_TOOL_ROUNDS else {})
-                line = next_line(lines, client_socket)
-                continue
-            if held_finish:  # server-side calls dropped (Vapi tools won, or the round limit): end the turn
-                finish = "tool_calls" if vapi_index else "stop"
-                yield sse({**held_finish, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-            break
+        except (AttributeError, TypeError) as exc:  # a chunk of a shape nobody expected: end the turn cleanly
+            log.error("unusable chunk from the provider: %s", type(exc).__name__)
+            line, failed = exc, True
+            yield sse(malformed_chunk_error(None))
         yield b"data: [DONE]\n\n"
-        turn["completed"] = True
+        turn["completed"] = not failed  # only a whole answer is remembered
     finally:
         if line is not STREAM_END and line != "[DONE]":
             provider.kill(block=False)  # the caller went away or the stream failed: stop the model now
         turn["rounds"], turn["assistant_text"] = rounds, "".join(spoken)
-        turn["done"](turn)
+        turn_done(turn)
 
 
 @app.errorhandler(HTTPException)
@@ -528,9 +554,8 @@ def chat_completions():
         return response, status
 
     # The generator gets what it needs as arguments: it runs after this view has returned.
-    turn["done"] = turn_done
-    return Response(relay_with_tools(first_line, lines, provider, upstream, server_tools, client_socket, turn),
-                    mimetype="text/event-stream", headers=SSE_HEADERS)
+    return Response(relay_with_tools(first_line, lines, provider, upstream, server_tools, client_socket, turn,
+                                     turn_done), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def answer_whole(upstream, server_tools, turn):

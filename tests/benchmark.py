@@ -308,7 +308,7 @@ def render(report, args):
         f"{args.warmup:.1f} s. Added = server minus stand-in called directly at the same level.",
         "",
         "| server | added TTFT, 1 call p50 / p95 / p99 (ms) | added TTFT, 100 calls p50 / p95 / p99 (ms) | "
-        "streams held (0 errors, p99 added < 50 ms) | CPU s per 1000 chunks at 100 / 300 calls | "
+        "streams held (0 errors, p99 TTFT < own p50 + 50 ms) | CPU s per 1000 chunks at 100 / 300 calls | "
         "hang-up mid-stream → provider closed, median / max (ms) | hang-up before 1st token → closed, "
         "median / max (ms) | RSS per worker idle / at 300 (MiB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -323,19 +323,21 @@ def render(report, args):
             hundred_txt = " / ".join(f"{pct(hundred['ttfts'], q) - base:.1f}" for q in (0.5, 0.95, 0.99))
         else:
             hundred_txt = "-"
-        held = 0
+        # Held: no errors, and p99 TTFT within 50 ms of the server's own p50 at the lightest level (for the
+        # streaming servers that is the stand-in's TTFT plus ~2 ms; basic waits for whole answers by design).
+        held, baseline = 0, pct(entry[args.levels[0]]["ttfts"], 0.5)
         for clients in args.levels:
             stats = entry[clients]
-            added = pct(stats["ttfts"], 0.99) - statistics.median(direct[clients]["ttfts"])
-            if stats["errors"] == 0 and stats["calls"] and added < 50:
+            if stats["errors"] == 0 and stats["calls"] and pct(stats["ttfts"], 0.99) - baseline < 50:
                 held = clients
         cpu = " / ".join(f"{entry[c]['server_cpu'] / max(1, entry[c]['chunks']) * 1000:.3f}"
                          if c in entry else "-" for c in (100, 300))
-        mid, before = entry["hangup_mid"] or [float("nan")], entry["hangup_before"] or [float("nan")]
+        mid, before = entry["hangup_mid"], entry["hangup_before"]
+        mid_txt = f"{statistics.median(mid):.0f} / {max(mid):.0f}" if mid else "n/a: answer complete before 1st byte"
         rss300 = entry[300]["rss"] if 300 in entry else []
         lines.append(
             f"| {folder} | {one_txt} | {hundred_txt} | {held} of {max(args.levels)} tried | {cpu} | "
-            f"{statistics.median(mid):.0f} / {max(mid):.0f} | {statistics.median(before):.0f} / {max(before):.0f} | "
+            f"{mid_txt} | {statistics.median(before):.0f} / {max(before):.0f} | "
             f"{' + '.join(f'{r:.0f}' for r in entry['idle_rss'])} / "
             f"{' + '.join(f'{r:.0f}' for r in rss300) or '-'} |")
         ladders.append(f"\n{folder}: callers | calls | errors | TTFT p50 / p99 (ms) | added p99 (ms) | server CPU "
@@ -385,6 +387,7 @@ def main():
     text = render(report, args)
     print("\n" + text)
     Path(args.output).write_text(text)
+    Path(args.output).with_suffix(".json").write_text(json.dumps(report, default=str))
     print(f"written to {args.output}")
 
 

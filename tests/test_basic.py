@@ -1,10 +1,11 @@
 """What is particular to basic/: the whole answer first, then sent as the stream Vapi expects."""
 
 import json
+import threading
 
 import pytest
 
-from conftest import load_fixture, post_chat, read_sse
+from conftest import load_fixture, post_chat, read_sse, streamed_text
 
 
 @pytest.fixture
@@ -38,3 +39,26 @@ def test_tool_calls_in_one_chunk_with_their_finish_reason(server, fake):
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "endCall"), (1, "transferCall")]
     assert json.loads(calls[1]["function"]["arguments"]) == {"destination": "+15555550188"}
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_fifty_concurrent_calls_complete_without_mixing(start_server, fake):
+    server = start_server("basic", WEB_CONCURRENCY="2")
+    fake.ttft = 1.0  # long enough for all 50 to wait on the provider at once
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            body = {**load_fixture("first-turn.json"), "messages": [{"role": "user", "content": f"caller {i}"}]}
+            events, done = read_sse(post_chat(server, body, timeout=30))
+            results[i] = streamed_text(events) if done else None
+        except Exception as exc:  # recorded, then asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert results == {i: f"You said: caller {i}" for i in range(50)}
+    assert max(s.opened_at for s in fake.streams) < min(s.closed_at for s in fake.streams)
