@@ -162,6 +162,26 @@ def read_sse(response):
     return events, False
 
 
+def run_at_once(call, arguments, seconds=60):
+    """Run call(argument) for every argument, each on its own thread, all at once; returns the errors raised."""
+    import threading
+
+    errors = []
+
+    def guarded(argument):
+        try:
+            call(argument)
+        except Exception as exc:  # collected for the test to assert on
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=guarded, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds)
+    return errors
+
+
 def streamed_text(events):
     return "".join(choice["delta"].get("content") or ""
                    for event in events for choice in event.get("choices", []))

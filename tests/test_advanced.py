@@ -2,13 +2,12 @@
 
 import json
 import sqlite3
-import threading
 import time
 import uuid
 
 import pytest
 
-from conftest import load_fixture, post_chat, read_sse, streamed_text
+from conftest import load_fixture, post_chat, read_sse, run_at_once, streamed_text
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in __import__("conftest").FOLDERS, reason="no folder yet")
 REWRITE_MARKER = "You clean up phone-call transcripts"
@@ -328,20 +327,12 @@ def test_concurrent_calls_under_two_workers_store_every_turn_once(start_server, 
     fake.token_delay = 0.005
     numbers = [f"+1555000{n:04d}" for n in range(8)]
     bodies = [phone_call(f"Question {i} from caller {i % 8}", numbers[i % 8]) for i in range(48)]
-    errors = []
 
     def call(body):
-        try:
-            events, done = read_sse(post_chat(server, body, timeout=30))
-            assert done and streamed_text(events) == "You said: " + body["messages"][-1]["content"]
-        except Exception as exc:  # collected and asserted below
-            errors.append(repr(exc))
+        events, done = read_sse(post_chat(server, body, timeout=30))
+        assert done and streamed_text(events) == "You said: " + body["messages"][-1]["content"]
 
-    threads = [threading.Thread(target=call, args=(body,)) for body in bodies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors = run_at_once(call, bodies)
     assert errors == []
     assert wait_for(lambda: len(memory_rows(server)) == 48, 5)
     rows = memory_rows(server)
