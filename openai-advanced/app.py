@@ -7,7 +7,6 @@ caller hears a short filler sentence. Every step before the first token is timed
 Spec followed: https://docs.vapi.ai/customization/custom-llm/using-your-server
 """
 
-import datetime
 import hmac
 import json
 import logging
@@ -30,7 +29,8 @@ from werkzeug.exceptions import HTTPException
 
 from knowledge import Knowledge
 from memory import Memory
-from tools import build_tools, run_tool
+from prompt import caller_number, render_context, rewrite_utterance, text_of
+from tools import build_tools, run_tool, server_tools_for, tool_round_messages, with_tools
 
 HERE = Path(__file__).resolve().parent
 load_dotenv()
@@ -97,10 +97,6 @@ client.platform_headers()
 STREAM_END = object()  # put on a line queue after the provider's last line
 
 PROMPT_TEMPLATE = string.Template((HERE / "prompt.md").read_text(encoding="utf-8"))
-REWRITE_INSTRUCTIONS = (
-    "You clean up phone-call transcripts. Rewrite the caller's last utterance as one clear, self-contained "
-    "sentence in the caller's own voice: fix speech-to-text errors and spell out what 'it' or 'that' refers to. "
-    "Reply with the rewritten sentence only.")
 knowledge = Knowledge(KNOWLEDGE_DIR)
 memory = Memory(MEMORY_DB_PATH, MEMORY_RETENTION_DAYS) if MEMORY_ENABLED else None
 SERVER_TOOLS = build_tools(CLINIC_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
@@ -248,53 +244,6 @@ def next_line(lines, client_socket):
                 return TimeoutError(f"no data from the provider for {OPENAI_TIMEOUT_SECONDS} s")
 
 
-def text_of(content):
-    """The text of a message's content: a string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def caller_number(body):
-    """The caller's phone number from `call.customer.number` or `customer.number`; None for web calls."""
-    call = body.get("call") if isinstance(body.get("call"), dict) else {}
-    for customer in (call.get("customer"), body.get("customer")):
-        if isinstance(customer, dict) and isinstance(customer.get("number"), str) and customer["number"]:
-            return customer["number"][:32]
-    return None
-
-
-def rewrite_utterance(messages, model):
-    """Ask a model to rewrite the caller's last utterance within REWRITE_BUDGET_MS; None on timeout or error."""
-    transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
-                           if m["role"] in ("user", "assistant") and text_of(m.get("content")))
-    budget = REWRITE_BUDGET_MS / 1000
-    try:
-        with gevent.Timeout(budget):  # a hard limit on the whole call, connection and retries included
-            completion = client.with_options(timeout=budget, max_retries=0).chat.completions.create(
-                model=REWRITE_MODEL or model, max_tokens=120, temperature=0,
-                messages=[{"role": "system", "content": REWRITE_INSTRUCTIONS},
-                          {"role": "user", "content": transcript}])
-        return (completion.choices[0].message.content or "").strip() or None
-    except (gevent.Timeout, openai.OpenAIError, ValueError, IndexError) as exc:
-        log.info("rewrite skipped: %s", type(exc).__name__)
-        return None
-
-
-def render_context(caller, earlier, passages):
-    """prompt.md filled in for this turn; a section with nothing to say is left empty."""
-    return PROMPT_TEMPLATE.safe_substitute(
-        now=datetime.datetime.now(CLINIC_TZ).strftime("%A %B %d %Y, %I:%M %p"), timezone=CLINIC_TIMEZONE,
-        caller=f"The caller's phone number is {caller}." if caller else "",
-        earlier_calls="Earlier calls from this number (most recent first):\n" + "".join(
-            f"- {datetime.datetime.fromtimestamp(at, CLINIC_TZ):%b %d}: caller said \"{said[:200]}\"; "
-            f"you answered \"{answered[:200]}\"\n" for at, said, answered in earlier) if earlier else "",
-        knowledge="Clinic information for this question:\n" + "".join(f"- {p}\n" for p in passages)
-        if passages else "")
-
-
 def shape_request(body, upstream, steps):
     """Rewrite the last utterance if enabled, and append this turn's context to the system prompt.
     Records the milliseconds of each step in `steps`; returns the caller's original words (to remember the turn
@@ -306,7 +255,8 @@ def shape_request(body, upstream, steps):
 
     started = time.perf_counter()
     if REWRITE_ENABLED and last_is_user:
-        rewritten = rewrite_utterance(messages, upstream["model"])
+        rewritten = rewrite_utterance(client, REWRITE_MODEL or upstream["model"], messages,
+                                      REWRITE_BUDGET_MS / 1000)
         if rewritten:
             messages[-1] = {**messages[-1], "content": rewritten}
             question = rewritten
@@ -326,7 +276,7 @@ def shape_request(body, upstream, steps):
     steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
 
     # The assistant's own system prompt from Vapi comes first; the server's context is appended to it.
-    context = render_context(caller, earlier, passages)
+    context = render_context(PROMPT_TEMPLATE, CLINIC_TZ, caller, earlier, passages)
     if messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):
         messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + context}
     else:
@@ -344,21 +294,6 @@ def remember_turn(call_id, caller, user_text, assistant_text):
             log.error("memory write failed: %s", exc)
 
     gevent.get_hub().threadpool.spawn(write)
-
-
-def server_tools_for(upstream):
-    """The server-side tools this request may use: ours, minus any name the request's own tools already use."""
-    taken = {t["function"].get("name") for t in upstream.get("tools") or []
-             if isinstance(t, dict) and isinstance(t.get("function"), dict)}
-    return {name: tool for name, tool in SERVER_TOOLS.items() if name not in taken}
-
-
-def with_tools(upstream, server_tools):
-    """The provider request for one round: the request's own tools plus the server-side ones."""
-    if not server_tools:
-        return upstream
-    request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
-    return {**upstream, "tools": request_tools + [definition for definition, _ in server_tools.values()]}
 
 
 def start_round(upstream, server_tools):
@@ -390,15 +325,6 @@ def sort_tool_calls(call_deltas, calls, vapi_index, server_tools, rounds):
         else:
             to_vapi.append({**call_delta, "index": vapi_index.setdefault(index, len(vapi_index))})
     return to_vapi, ours
-
-
-def tool_round_messages(server_calls, server_tools):
-    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message per call."""
-    return [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
-        for call in server_calls]}] + [
-        {"role": "tool", "tool_call_id": call["id"], "content": run_tool(server_tools, call["name"], call["arguments"])}
-        for call in server_calls]
 
 
 def relay_with_tools(first_line, lines, provider, upstream, server_tools, client_socket, turn, turn_done):
@@ -518,7 +444,7 @@ def chat_completions():
 
     steps = {}
     user_text = shape_request(body, upstream, steps)
-    server_tools = server_tools_for(upstream)
+    server_tools = server_tools_for(upstream, SERVER_TOOLS)
     turn = {"first_token_at": None, "chunks": 0, "rounds": 0, "completed": False, "assistant_text": ""}
 
     def turn_done(turn):

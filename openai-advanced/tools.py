@@ -65,3 +65,28 @@ def run_tool(tools, name, arguments_json):
         return json.dumps(tools[name][1](arguments))
     except Exception as exc:  # a bug in a tool must not break the caller's stream
         return json.dumps({"error": f"{name} failed: {type(exc).__name__}"})
+
+
+def server_tools_for(upstream, server_tools):
+    """The server-side tools a request may use: ours, minus any name the request's own tools already use."""
+    request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
+    taken = {t["function"].get("name") for t in request_tools
+             if isinstance(t, dict) and isinstance(t.get("function"), dict)}
+    return {name: tool for name, tool in server_tools.items() if name not in taken}
+
+
+def with_tools(upstream, server_tools):
+    """The provider request for one round: the request's own tools plus the server-side ones."""
+    if not server_tools:
+        return upstream
+    request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
+    return {**upstream, "tools": request_tools + [definition for definition, _ in server_tools.values()]}
+
+
+def tool_round_messages(server_calls, server_tools):
+    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message per call."""
+    return [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+        for call in server_calls]}] + [
+        {"role": "tool", "tool_call_id": call["id"], "content": run_tool(server_tools, call["name"], call["arguments"])}
+        for call in server_calls]

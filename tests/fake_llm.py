@@ -255,7 +255,7 @@ class FakeLLM:
             conn.stream = None
 
     def control(self, conn, route, raw_body):
-        """For a stand-in in another process (the benchmark): /_fake/stats, /_fake/streams, /_fake/script, /_fake/reset."""
+        """For a stand-in in another process (the benchmark): /_fake/stats, streams, script and reset."""
         if route == "/_fake/stats":
             conn.send_json(200, {"open": len(self.open_streams()), "streams": len(self.streams)})
         elif route == "/_fake/streams":
@@ -400,7 +400,7 @@ def last_user_text(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             return content if isinstance(content, str) else ""
     return ""
 

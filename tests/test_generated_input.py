@@ -111,8 +111,15 @@ def test_generated_headers(server, fake, headers):
     b'{"model": "m", "messages": [' + b'{"role": "user", "content": "x"},' * 5000 + b'{"role": "user"}]}',
     b'{"model": "m", "messages": [{"role": "user", "content": "' + b"y" * 900_000 + b'"}]}',
     b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": 5, "stream": true}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": "x", "stream": true}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"function": 3}, 7]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": [1, {"text": 2}, {"type": "text"}]}]}',
+    b'{"model": "m", "messages": [{"role": "system", "content": null}, {"role": "user", "content": "hi"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "call": {"customer": {"number": 5}}}',
 ], ids=["duplicate-messages", "duplicate-messages-last-valid", "duplicate-model", "lone-surrogate", "nan",
-        "5001-messages", "900-KB-string", "deep-object"])
+        "5001-messages", "900-KB-string", "deep-object", "tools-number", "tools-string", "tools-odd-items",
+        "odd-content-parts", "null-system-prompt", "number-not-a-string"])
 def test_awkward_bodies(server, fake, raw):
     assert_valid_answer(post_chat(server, raw, stream=False), fake)
 
