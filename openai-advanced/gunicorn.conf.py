@@ -2,7 +2,7 @@
 
 Every streaming call stays open for as long as the model talks (seconds) and relays a few dozen small chunks a
 second. The default `sync` worker holds one call per process and kills any request that outlasts `timeout`.
-Threads (`gthread`) work, but hundreds of them fighting over Python's GIL cost about 2.5x the CPU per relayed
+Threads (`gthread`) work, but hundreds of them fighting over Python's GIL cost 1.5-2.5x the CPU per relayed
 chunk. gevent runs each call as a greenlet: thousands fit in one process, and switching between them is cheap.
 """
 
