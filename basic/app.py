@@ -190,6 +190,7 @@ def health():
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
 @app.post("/chat/completions/chat/completions")  # the model URL was pasted with /chat/completions at the end
+@app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
     """Vapi's turn: ask the provider for the whole answer, then send it as SSE (stream: true) or JSON."""
     started = time.perf_counter()

@@ -426,6 +426,7 @@ def health():
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
 @app.post("/chat/completions/chat/completions")  # the model URL was pasted with /chat/completions at the end
+@app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
     """Vapi's turn: shape the request, then relay the provider's rounds as SSE (stream: true) or JSON."""
     started = time.perf_counter()

@@ -275,6 +275,7 @@ def health():
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
 @app.post("/chat/completions/chat/completions")  # the model URL was pasted with /chat/completions at the end
+@app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
     """Vapi's turn: relay the provider's stream as SSE (stream: true), or its whole answer as JSON."""
     started = time.perf_counter()

@@ -76,7 +76,8 @@ def test_per_message_extra_keys_are_dropped_and_tool_turns_kept(server, fake):
     assert received["messages"][-1]["content"] == [{"type": "text", "text": "Morning please."}]
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions", "/chat/completions/chat/completions"])
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions", "/chat/completions/chat/completions",
+                                  "/v1/chat/completions/chat/completions"])
 def test_every_route_vapi_may_call(server, path):
     response = post_chat(server, load_fixture("first-turn.json"), path=path)
     events, done = read_sse(response)
