@@ -450,8 +450,9 @@ def chat_completions():
 
     def turn_done(turn):
         """After the last byte: remember a completed turn (an interrupted one is not stored), log the line."""
-        if memory and turn["completed"] and user_text and caller_number(body):
-            remember_turn(call_id_of(body), caller_number(body), user_text, turn["assistant_text"])
+        caller = caller_number(body)
+        if memory and turn["completed"] and user_text and caller:
+            remember_turn(call_id_of(body), caller, user_text, turn["assistant_text"])
         log_request(body, upstream["model"], stream, 200, started, turn["first_token_at"], turn["chunks"],
                     {**steps, "rounds": turn["rounds"]})
 
