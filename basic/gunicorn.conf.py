@@ -6,6 +6,13 @@ air: use threads instead.
 """
 
 import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+# gunicorn reads this file before it imports app.py: load .env here too, so that PORT and
+# WEB_CONCURRENCY set there count.
+load_dotenv(Path(__file__).with_name(".env"))
 
 bind = f"0.0.0.0:{os.getenv('PORT', '8000')}"
 worker_class = "gthread"

@@ -7,6 +7,13 @@ chunk. gevent runs each call as a greenlet: thousands fit in one process, and sw
 """
 
 import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+# gunicorn reads this file before it imports app.py: load .env here too, so that PORT and
+# WEB_CONCURRENCY set there count.
+load_dotenv(Path(__file__).with_name(".env"))
 
 bind = f"0.0.0.0:{os.getenv('PORT', '8000')}"
 worker_class = "gevent"
