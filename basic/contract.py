@@ -1,0 +1,239 @@
+"""The contract every server folder keeps — this file is identical in basic/, openai-sse/ and openai-advanced/.
+
+What all three do the same way lives here, so that each app.py can start with its lesson: the settings from the
+environment and .env, the bearer check, the request checks and the allow-list of OpenAI parameters, errors in
+OpenAI's shape, and one log line per request. Change it in one folder, copy it to the others: a test compares them.
+Spec followed: https://docs.vapi.ai/customization/custom-llm/using-your-server
+"""
+
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import openai
+from dotenv import load_dotenv
+from flask import g, request
+from werkzeug.exceptions import HTTPException
+
+HERE = Path(__file__).resolve().parent
+load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
+
+# Configuration (every variable is explained in .env.example)
+OPENAI_API_KEY = os.getenv("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = os.getenv("OPENAI_BASE_URL") or None  # None: api.openai.com
+OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model name Vapi sends
+OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # longest provider silence
+OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
+CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
+MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
+LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
+FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # never behind ngrok
+
+# The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
+# phoneNumber, metadata, ...) stays here: OpenAI rejects unknown parameters, and phoneNumber can hold a
+# Twilio auth token. https://platform.openai.com/docs/api-reference/chat/create
+FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+                    "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
+                    "parallel_tool_calls", "response_format", "user")
+# The keys a message may carry; Vapi adds others (e.g. transcriber `metadata`) that OpenAI would reject.
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
+
+logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client logs every request at INFO
+log = logging.getLogger("custom-llm")
+
+
+class ChatError(Exception):
+    """An error for the caller: an HTTP status and OpenAI's error fields. Raised before the stream has
+    started, it becomes the response; after, the stream ends with it as one `data:` event and [DONE]."""
+
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status = status
+        self.error = {"message": message, "type": type_, "param": param, "code": code}
+
+    def body(self):
+        return {"error": self.error}
+
+
+class ProviderFailed(ChatError):
+    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when it was too slow."""
+
+
+@dataclasses.dataclass
+class Turn:
+    """One request: Vapi's body, the provider request built from it, and what its log line will say."""
+
+    started: float
+    path: str  # method and path, for the log line
+    body: dict | None = None
+    upstream: dict | None = None  # what goes to the provider: the allow-listed parameters only
+    stream: bool | None = None
+    call_id: str = "-"
+    first_token_at: float | None = None
+    chunks: int = 0
+    steps: dict = dataclasses.field(default_factory=dict)  # extra `name=value` pairs for the log line
+
+    def relayed(self, chunk):
+        """Count a chunk sent to the caller; note when the first one with words or a tool call went out."""
+        self.chunks += 1
+        if self.first_token_at is None and any(
+                isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
+                and (choice["delta"].get("content") or choice["delta"].get("tool_calls"))
+                for choice in chunk["choices"]):
+            self.first_token_at = time.perf_counter()
+
+
+def read_chat_request():
+    """Check the bearer token and Vapi's body; returns this request's Turn. Lenient about what Vapi adds,
+    strict about what goes on: the provider request is built from the allow-list. Raises ChatError."""
+    turn = g.turn
+    if not authorized(request.headers.get("Authorization", "")):
+        raise ChatError(401, "Missing or wrong bearer token (CUSTOM_LLM_API_KEY).", code="invalid_api_key")
+    if not request.is_json:
+        raise ChatError(400, "Content-Type must be application/json.")
+    try:
+        body = json.loads(request.get_data(), parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        raise ChatError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ChatError(400, "The request body must be a JSON object.")
+    call = body.get("call")
+    call_id = call.get("id") if isinstance(call, dict) else None
+    turn.call_id = call_id[:64] if isinstance(call_id, str) else "-"  # web tests send none
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ChatError(400, "'messages' must be a non-empty list.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ChatError(400, f"messages[{i}] must be an object with a string 'role'.",
+                            param=f"messages[{i}].role")
+    model = OPENAI_MODEL or body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ChatError(400, "'model' must be a non-empty string.", param="model")
+    if not isinstance(body.get("stream", False), bool):
+        raise ChatError(400, "'stream' must be true or false.", param="stream")
+    turn.stream = body.get("stream", False)
+    upstream = {key: body[key] for key in FORWARDED_PARAMS if body.get(key) is not None}
+    upstream["model"] = model
+    upstream["messages"] = [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in messages]
+    turn.body, turn.upstream = body, upstream
+    if not OPENAI_API_KEY:
+        raise ChatError(500, "OPENAI_API_KEY is not set on this server.", "server_error", code="missing_api_key")
+    return turn
+
+
+def authorized(authorization):
+    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open when no key is set."""
+    if not CUSTOM_LLM_API_KEY:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              CUSTOM_LLM_API_KEY.encode())
+
+
+def reject_constant(name):
+    """NaN and Infinity are not JSON: Python would accept them, the provider would not."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def provider_error(exc):
+    """The ProviderFailed for an exception from the provider call (the SDK's, or a broken answer)."""
+    if isinstance(exc, UnicodeEncodeError):  # the SDK could not encode the request: a lone surrogate
+        return ProviderFailed(400, "The request contains text that is not valid Unicode.")
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderFailed(504, "The model provider did not answer in time (OPENAI_TIMEOUT_SECONDS).",
+                              "timeout_error", code="provider_timeout")
+    if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
+        error = exc.body if isinstance(exc.body, dict) else {}
+        message = str(error.get("message") or exc.message)
+        if OPENAI_API_KEY:
+            message = message.replace(OPENAI_API_KEY, "[redacted]")
+        return ProviderFailed(exc.status_code, f"Model provider: {message}",
+                              error.get("type") or "provider_error", error.get("param"), error.get("code"))
+    if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):  # no provider failure we know of
+        log.error("unexpected error from the provider call", exc_info=exc)
+    return ProviderFailed(502, "The model provider failed or could not be reached.", "provider_error",
+                          code="provider_unavailable")
+
+
+def sse(payload):
+    """One Server-Sent Event: JSON on one `data:` line, so a newline in the text cannot break the framing."""
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+def warm_up(client):
+    """Load the SDK's lazy parts and work out its platform headers (a `uname -p` subprocess) now, at
+    start-up, rather than on the first callers' turns: a burst of first calls would start one each."""
+    _ = client.chat.completions  # loads the SDK's lazy modules
+    client.platform_headers()
+
+
+def init_app(app):
+    """What every folder's app has: the body limit, debug mode only when asked, OpenAI-shaped errors, one
+    log line per request (for a stream, written after its last byte), and GET /health."""
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
+    app.debug = FLASK_DEBUG  # Flask's debugger would show code to anyone who can reach the server
+    if FLASK_DEBUG:
+        log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the internet",
+                    os.getenv("FLASK_DEBUG"))
+    if not OPENAI_API_KEY:
+        log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (see .env.example)")
+    if not CUSTOM_LLM_API_KEY:
+        log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your provider account")
+
+    @app.errorhandler(ChatError)
+    def chat_error(exc):
+        return exc.body(), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        """404, 405, 413 ... as OpenAI-shaped JSON instead of Flask's HTML page."""
+        return ChatError(exc.code, exc.description).body(), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc):
+        """A bug must not send a traceback to the caller; the log keeps it."""
+        log.error("unexpected error", exc_info=exc)
+        return ChatError(500, "Internal server error.", "server_error").body(), 500
+
+    @app.before_request
+    def start_turn():
+        g.turn = Turn(time.perf_counter(), f"{request.method} {request.path[:100]}")
+
+    @app.after_request
+    def log_request(response):
+        turn = g.turn
+        if request.endpoint == "health":
+            pass
+        elif response.is_streamed:  # written when the server closes the stream, after its last byte
+            response.call_on_close(lambda: log_line(turn, response.status_code))
+        else:
+            log_line(turn, response.status_code)
+        return response
+
+    @app.get("/health")
+    def health():
+        """Liveness check for load balancers and uptime monitors; does not call the provider."""
+        return {"status": "ok"}
+
+
+def log_line(turn, status):
+    """The one INFO line per request. Never message text, keys or the phoneNumber object."""
+    ttft = f"{(turn.first_token_at - turn.started) * 1000:.1f}" if turn.first_token_at else "-"
+    model = turn.upstream["model"] if turn.upstream else None
+    log.info("%s call=%r model=%r stream=%s status=%s ttft_ms=%s total_ms=%.1f chunks=%d%s",
+             turn.path, turn.call_id, model, turn.stream, status, ttft,
+             (time.perf_counter() - turn.started) * 1000, turn.chunks,
+             "".join(f" {name}={value}" for name, value in turn.steps.items()))
+
+
+def run_with_gunicorn():
+    """`python app.py`: run exactly what `gunicorn app:app` in this folder runs (see gunicorn.conf.py)."""
+    os.chdir(HERE)
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "app:app"])
