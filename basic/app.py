@@ -1,18 +1,19 @@
-"""A Vapi Custom LLM server, the simplest version: ask the model, wait for the whole answer, send it back.
+"""A Vapi Custom LLM server, the simplest version: ask the model, wait for the whole answer, send it
+back.
 
-Vapi always asks for a stream (`stream: true`), so the finished answer goes back as Server-Sent Events; the
-caller hears nothing until the model has written its last word. `openai-sse/` relays it word by word.
-What every folder shares (settings, request checks, errors, the log line) is in contract.py.
-"""
+Vapi always asks for a stream (`stream: true`), so the finished answer goes back as Server-Sent
+Events; the caller hears nothing until the model has written its last word. `openai-sse/` relays it
+word by word. What every folder shares (settings, request checks, errors, the log line) is in
+contract.py."""
 
 import time
 
 import openai
 from flask import Flask, Response
 
-from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES, OPENAI_TIMEOUT_SECONDS,
-                      ProviderFailed, init_app, provider_error, read_chat_request, run_with_gunicorn, sse,
-                      warm_up)
+from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
+                      OPENAI_TIMEOUT_SECONDS, ProviderFailed, init_app, provider_error,
+                      read_chat_request, run_with_gunicorn, sse, warm_up)
 
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
                        timeout=OPENAI_TIMEOUT_SECONDS, max_retries=OPENAI_MAX_RETRIES)
@@ -24,10 +25,12 @@ init_app(app)
 
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
-@app.post("/chat/completions/chat/completions")  # the model URL was pasted with /chat/completions at the end
+# the model URL was pasted with /chat/completions at the end
+@app.post("/chat/completions/chat/completions")
 @app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
-    """Vapi's turn: ask the provider for the whole answer, then send it as SSE (stream: true) or JSON."""
+    """Vapi's turn: ask the provider for the whole answer, then send it as SSE (stream: true) or
+    JSON."""
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     try:
         completion = client.chat.completions.create(**turn.upstream)
@@ -45,13 +48,15 @@ def chat_completions():
 
 
 def completion_as_sse(completion):
-    """The finished answer as the stream Vapi expects: role, content or tool calls, finish_reason, [DONE]."""
+    """The finished answer as the stream Vapi expects: role, content or tool calls, finish_reason,
+    [DONE]."""
     choice = completion.choices[0]
     head = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created,
             "model": completion.model}
 
     def chunk(delta, finish_reason=None):
-        return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+        return sse({**head, "choices": [{"index": 0, "delta": delta,
+                                         "finish_reason": finish_reason}]})
 
     yield chunk({"role": "assistant", "content": ""})
     if choice.message.content:

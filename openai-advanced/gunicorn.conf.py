@@ -1,10 +1,10 @@
 """gunicorn settings, picked up by `gunicorn app:app` run in this folder.
 
-Every streaming call stays open for as long as the model talks (seconds) and relays a few dozen small chunks a
-second. The default `sync` worker holds one call per process and kills any request that outlasts `timeout`.
-Threads (`gthread`) work, but hundreds of them fighting over Python's GIL cost 1.5-2.5x the CPU per relayed
-chunk. gevent runs each call as a greenlet: thousands fit in one process, and switching between them is cheap.
-"""
+Every streaming call stays open for as long as the model talks (seconds) and relays a few dozen
+small chunks a second. The default `sync` worker holds one call per process and kills any request
+that outlasts `timeout`. Threads (`gthread`) work, but hundreds of them fighting over Python's GIL
+cost 1.5-2.5x the CPU per relayed chunk. gevent runs each call as a greenlet: thousands fit in one
+process, and switching between them is cheap."""
 
 import os
 from pathlib import Path
@@ -24,5 +24,6 @@ worker_connections = int(os.getenv("WORKER_CONNECTIONS", "1000"))
 keepalive = 30
 # The worker heartbeat, not a limit on how long a stream may run.
 timeout = 30
-# app.py logs one line per request with the call id and timings; gunicorn's access log would repeat it.
+# app.py logs one line per request with the call id and timings; gunicorn's access log would repeat
+# it.
 accesslog = None

@@ -1,15 +1,17 @@
-"""Domain knowledge: the Markdown files in knowledge/, split into passages and searched with SQLite FTS5 (BM25).
+"""Domain knowledge: the Markdown files in knowledge/, split into passages and searched with SQLite
+FTS5 (BM25).
 
-The index lives in memory, one per worker process, built at start-up in a few milliseconds and rebuilt when a
-file in the folder changes. No extra dependency: FTS5 is part of the SQLite that ships with Python.
-"""
+The index lives in memory, one per worker process, built at start-up in a few milliseconds and
+rebuilt when a file in the folder changes. No extra dependency: FTS5 is part of the SQLite that
+ships with Python."""
 
 import re
 import sqlite3
 import time
 from pathlib import Path
 
-MAX_PASSAGE_CHARS = 700  # a passage is one section of a document, split further if it is longer than this
+# a passage is one section of a document, split further if it is longer than this
+MAX_PASSAGE_CHARS = 700
 # Words that match almost every passage and would only add noise to a caller's question.
 STOPWORDS = set("""a about an and are as at be can could do does for from have how i i'd i'm if in is it its
 just me my of on or our please so than that the their them then there these they this to too us was we what
@@ -17,7 +19,8 @@ when where which who why will with would you your yeah hi hello okay ok um uh li
 
 
 def split_passages(text, source):
-    """Split a Markdown document into (source, heading, text) passages: one per section, or smaller."""
+    """Split a Markdown document into (source, heading, text) passages: one per section, or smaller.
+    """
     title, passages = source, []
     for section in re.split(r"^(?=#)", text, flags=re.MULTILINE):
         heading_line, _, body = section.partition("\n")
@@ -53,7 +56,8 @@ class Knowledge:
         return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.glob("*.md")))
 
     def refresh(self):
-        """Rebuild the index if the documents changed since the last look (looks at most once a second)."""
+        """Rebuild the index if the documents changed since the last look (looks at most once a
+        second)."""
         now = time.monotonic()
         if self.signature is not None and now - self.checked_at < self.check_every_seconds:
             return
@@ -72,12 +76,14 @@ class Knowledge:
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
     def search(self, question, limit=3, max_chars=1500):
-        """The passages that best match the question (BM25), most relevant first, at most max_chars in all."""
+        """The passages that best match the question (BM25), most relevant first, at most max_chars
+        in all."""
         self.refresh()
         words = {w for w in re.findall(r"[a-z0-9]+", question.lower()) if w not in STOPWORDS and len(w) > 1}
         if not words:
             return []
-        query = " OR ".join(f'"{word}"' for word in sorted(words))  # quoted: no FTS5 syntax from callers
+        # quoted: no FTS5 syntax from callers
+        query = " OR ".join(f'"{word}"' for word in sorted(words))
         rows = self.db.execute(
             "SELECT heading, body FROM passages WHERE passages MATCH ? ORDER BY bm25(passages, 0, 2, 1) LIMIT ?",
             (query, limit)).fetchall()

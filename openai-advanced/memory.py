@@ -1,13 +1,14 @@
 """Memory across calls: each completed turn, stored per caller number in SQLite.
 
-Safe under several gunicorn workers: WAL mode (readers never wait for the writer), a busy timeout, and short
-transactions. Each operation opens its own connection (~0.1 ms): connections are never shared between requests,
-threads, greenlets or processes. To move memory to a shared database (several machines), reimplement these
-three methods (`remember`, `recall`, `forget_older_than`) on top of it.
+Safe under several gunicorn workers: WAL mode (readers never wait for the writer), a busy timeout,
+and short transactions. Each operation opens its own connection (~0.1 ms): connections are never
+shared between requests, threads, greenlets or processes. To move memory to a shared database
+(several machines), reimplement these three methods (`remember`, `recall`, `forget_older_than`) on
+top of it.
 
-What is stored, for privacy reviews: the call id, the caller's phone number, what the caller said, what the
-assistant answered, and when. Nothing else from Vapi's request (no metadata, no phoneNumber object).
-"""
+What is stored, for privacy reviews: the call id, the caller's phone number, what the caller said,
+what the assistant answered, and when. Nothing else from Vapi's request (no metadata, no phoneNumber
+object)."""
 
 import sqlite3
 import time
@@ -39,9 +40,11 @@ class Memory:
     @contextmanager
     def transaction(self):
         """A new connection holding one short transaction, closed afterwards."""
-        db = sqlite3.connect(self.path, timeout=5)  # wait up to 5 s for another writer instead of failing
+        # wait up to 5 s for another writer instead of failing
+        db = sqlite3.connect(self.path, timeout=5)
         try:
-            db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at checkpoints, no fsync per turn
+            # with WAL: durable at checkpoints, no fsync per turn
+            db.execute("PRAGMA synchronous=NORMAL")
             with db:
                 yield db
         finally:
@@ -55,7 +58,8 @@ class Memory:
             db.execute("DELETE FROM turns WHERE created_at < ?", (time.time() - self.retention_seconds,))
 
     def recall(self, caller, exclude_call_id=None, limit=5):
-        """The caller's most recent turns from earlier calls, newest first: [(created_at, user, assistant)]."""
+        """The caller's most recent turns from earlier calls, newest first: [(created_at, user,
+        assistant)]."""
         with self.transaction() as db:
             return db.execute(
                 "SELECT created_at, user_text, assistant_text FROM turns WHERE caller = ? AND call_id != ? "

@@ -1,4 +1,5 @@
-"""Prompt shaping: the text of a turn, the caller's number, the optional rewrite, and prompt.md filled in."""
+"""Prompt shaping: the text of a turn, the caller's number, the optional rewrite, and prompt.md
+filled in."""
 
 import datetime
 import logging
@@ -24,7 +25,8 @@ def text_of(content):
 
 
 def caller_number(body):
-    """The caller's phone number from `call.customer.number` or `customer.number`; None for web calls."""
+    """The caller's phone number from `call.customer.number` or `customer.number`; None for web
+    calls."""
     call = body.get("call") if isinstance(body.get("call"), dict) else {}
     for customer in (call.get("customer"), body.get("customer")):
         if isinstance(customer, dict) and isinstance(customer.get("number"), str) and customer["number"]:
@@ -33,11 +35,13 @@ def caller_number(body):
 
 
 def rewrite_utterance(client, model, messages, budget_seconds):
-    """Ask a model to rewrite the caller's last utterance within the budget; None on timeout or error."""
+    """Ask a model to rewrite the caller's last utterance within the budget; None on timeout or
+    error."""
     transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:
-        with gevent.Timeout(budget_seconds):  # a hard limit on the whole call, connection and retries included
+        # a hard limit on the whole call, connection and retries included
+        with gevent.Timeout(budget_seconds):
             completion = client.with_options(timeout=budget_seconds, max_retries=0).chat.completions.create(
                 model=model, max_tokens=120, temperature=0,
                 messages=[{"role": "system", "content": REWRITE_INSTRUCTIONS},
@@ -49,7 +53,8 @@ def rewrite_utterance(client, model, messages, budget_seconds):
 
 
 def render_context(template, timezone, caller, earlier, passages):
-    """The template (prompt.md) filled in for this turn; a section with nothing to say is left empty."""
+    """The template (prompt.md) filled in for this turn; a section with nothing to say is left
+    empty."""
     return template.safe_substitute(
         now=datetime.datetime.now(timezone).strftime("%A %B %d %Y, %I:%M %p"), timezone=timezone.key,
         caller=f"The caller's phone number is {caller}." if caller else "",

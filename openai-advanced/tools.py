@@ -1,15 +1,18 @@
-"""Server-side tools: functions the model may call that this server runs itself, between two model rounds.
+"""Server-side tools: functions the model may call that this server runs itself, between two model
+rounds.
 
-Each tool is an OpenAI function definition plus a Python function that takes the parsed arguments and returns a
-JSON-serialisable result. A failure is returned as {"error": "..."} so that the model can tell the caller
-about it; a tool never raises into the stream. Add a tool: write the function, add it to `build_tools`.
-"""
+Each tool is an OpenAI function definition plus a Python function that takes the parsed arguments
+and returns a JSON-serialisable result. A failure is returned as {"error": "..."} so that the model
+can tell the caller about it; a tool never raises into the stream. Add a tool: write the function,
+add it to `build_tools`."""
 
 import datetime
 import json
 import zoneinfo
 
 import requests
+
+from contract import ProviderFailed
 
 
 def clinic_local_time(timezone):
@@ -31,7 +34,8 @@ def clinic_open_slots(api_url, timeout_seconds, date):
 
 
 def build_tools(timezone, availability_api_url, availability_timeout_seconds):
-    """The server-side tools for this configuration: {name: (OpenAI tool definition, function(arguments))}."""
+    """The server-side tools for this configuration: {name: (OpenAI tool definition,
+    function(arguments))}."""
     tools = {
         "clinic_local_time": (
             {"type": "function", "function": {
@@ -68,7 +72,8 @@ def run_tool(tools, name, arguments_json):
 
 
 def server_tools_for(upstream, server_tools):
-    """The server-side tools a request may use: ours, minus any name the request's own tools already use."""
+    """The server-side tools a request may use: ours, minus any name the request's own tools already
+    use."""
     request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
     taken = {t["function"].get("name") for t in request_tools
              if isinstance(t, dict) and isinstance(t.get("function"), dict)}
@@ -84,9 +89,30 @@ def with_tools(upstream, server_tools):
 
 
 def tool_round_messages(server_calls, server_tools):
-    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message per call."""
+    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message
+    per call."""
     return [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
         for call in server_calls]}] + [
         {"role": "tool", "tool_call_id": call["id"], "content": run_tool(server_tools, call["name"], call["arguments"])}
         for call in server_calls]
+
+
+def sort_tool_calls(fragments, calls, vapi_index, server_tools, round_number):
+    """Add a chunk's streamed tool-call fragments to `calls` (by index). Returns the fragments of
+    Vapi's tools, renumbered from 0 (a server-side call may have taken index 0). Raises
+    ProviderFailed for fragments not in OpenAI's shape."""
+    if not isinstance(fragments, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("index", 0), int)
+            and isinstance(f.get("function") or {}, dict) for f in fragments):
+        raise ProviderFailed(502, "The model provider sent a malformed tool call.", "provider_error",
+                             code="bad_chunk")
+    to_vapi = []
+    for fragment in fragments:
+        function, index = fragment.get("function") or {}, fragment.get("index", 0)
+        call = calls.setdefault(index, {"id": fragment.get("id") or f"call_{round_number}_{index}",
+                                        "name": str(function.get("name") or ""), "arguments": ""})
+        call["arguments"] += str(function.get("arguments") or "")
+        if call["name"] not in server_tools:
+            to_vapi.append({**fragment, "index": vapi_index.setdefault(index, len(vapi_index))})
+    return to_vapi

@@ -1,27 +1,29 @@
 """A Vapi Custom LLM server that relays the model's answer token by token as Server-Sent Events.
 
-What it adds over `basic/`: the caller hears the first words as soon as the model writes them, and when the
-caller interrupts or hangs up (Vapi closes the request), the provider's stream is closed at once — even while
-the model is still thinking — so it stops generating and billing. The machinery for that is in
-provider_stream.py; what every folder shares (settings, request checks, errors, the log line) in contract.py.
-"""
+What it adds over `basic/`: the caller hears the first words as soon as the model writes them, and
+when the caller interrupts or hangs up (Vapi closes the request), the provider's stream is closed at
+once — even while the model is still thinking — so it stops generating and billing. The machinery
+for that is in provider_stream.py; what every folder shares (settings, request checks, errors, the
+log line) in contract.py."""
 
 import time
 
 import openai
-from flask import Flask, Response
+from flask import Flask, Response, request
 
-from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES, OPENAI_TIMEOUT_SECONDS,
-                      ChatError, init_app, provider_error, read_chat_request, run_with_gunicorn, sse,
-                      warm_up)
+from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
+                      OPENAI_TIMEOUT_SECONDS, ChatError, init_app, provider_error,
+                      read_chat_request, run_with_gunicorn, sse, warm_up)
 from provider_stream import CallerHungUp, ProviderStream
 
 # gunicorn.conf.py runs this app on gevent: every call is a greenlet, and sockets cooperate.
-# ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout is the backstop.
+# ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout is the
+# backstop.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
                        timeout=OPENAI_TIMEOUT_SECONDS + 1, max_retries=OPENAI_MAX_RETRIES)
 warm_up(client)
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # X-Accel: tell nginx not to buffer
+# X-Accel: tell nginx not to buffer
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 app = Flask(__name__)
 init_app(app)
@@ -29,15 +31,17 @@ init_app(app)
 
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
-@app.post("/chat/completions/chat/completions")  # the model URL was pasted with /chat/completions at the end
+# the model URL was pasted with /chat/completions at the end
+@app.post("/chat/completions/chat/completions")
 @app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
-    """Vapi's turn: relay the provider's stream as SSE (stream: true), or its whole answer as JSON."""
+    """Vapi's turn: relay the provider's stream as SSE (stream: true), or its whole answer as JSON.
+    """
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     if not turn.stream:
         return answer_whole(turn)
 
-    provider = ProviderStream(client, turn.upstream)
+    provider = ProviderStream(client, turn.upstream, caller=request.environ.get("gunicorn.socket"))
     try:
         provider.start()  # wait for the first line: until then a failure still gets its HTTP status
     except CallerHungUp:
@@ -49,13 +53,14 @@ def chat_completions():
 def relay(provider, turn):
     """Yield each provider chunk as one `data:` event as it arrives, then `data: [DONE]`.
 
-    After the headers, a failure becomes one error event before [DONE]. When the caller goes away, the
-    server closes this generator, and leaving the `with` block stops the provider's stream."""
+    After the headers, a failure becomes one error event before [DONE]. When the caller goes away,
+    the server closes this generator, and leaving the `with` block stops the provider's stream."""
     with provider:
         try:
             for raw, chunk in provider:
                 turn.relayed(chunk)
-                yield b"data: " + raw.encode() + b"\n\n"  # the provider's own bytes, not re-serialised
+                # the provider's own bytes, not re-serialised
+                yield b"data: " + raw.encode() + b"\n\n"
         except CallerHungUp:
             return  # nobody to send [DONE] to
         except ChatError as exc:

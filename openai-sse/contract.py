@@ -1,10 +1,11 @@
-"""The contract every server folder keeps — this file is identical in basic/, openai-sse/ and openai-advanced/.
+"""The contract every server folder keeps — this file is identical in basic/, openai-sse/ and
+openai-advanced/.
 
-What all three do the same way lives here, so that each app.py can start with its lesson: the settings from the
-environment and .env, the bearer check, the request checks and the allow-list of OpenAI parameters, errors in
-OpenAI's shape, and one log line per request. Change it in one folder, copy it to the others: a test compares them.
-Spec followed: https://docs.vapi.ai/customization/custom-llm/using-your-server
-"""
+What all three do the same way lives here, so that each app.py can start with its lesson: the
+settings from the environment and .env, the bearer check, the request checks and the allow-list of
+OpenAI parameters, errors in OpenAI's shape, and one log line per request. Change it in one folder,
+copy it to the others: a test compares them. Spec followed:
+https://docs.vapi.ai/customization/custom-llm/using-your-server"""
 
 import dataclasses
 import hmac
@@ -27,7 +28,8 @@ load_dotenv(HERE / ".env")  # variables already set in the environment win over 
 OPENAI_API_KEY = os.getenv("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = os.getenv("OPENAI_BASE_URL") or None  # None: api.openai.com
 OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model name Vapi sends
-OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # longest provider silence
+# longest provider silence
+OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))
 OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
 CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
 MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
@@ -35,22 +37,25 @@ LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
 FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # never behind ngrok
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
-# phoneNumber, metadata, ...) stays here: OpenAI rejects unknown parameters, and phoneNumber can hold a
-# Twilio auth token. https://platform.openai.com/docs/api-reference/chat/create
-FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-                    "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
-                    "parallel_tool_calls", "response_format", "user")
-# The keys a message may carry; Vapi adds others (e.g. transcriber `metadata`) that OpenAI would reject.
+# phoneNumber, metadata, ...) stays here: OpenAI rejects unknown parameters, and phoneNumber can
+# hold a Twilio auth token. https://platform.openai.com/docs/api-reference/chat/create
+FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_completion_tokens",
+                    "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
+                    "tool_choice", "parallel_tool_calls", "response_format", "user")
+# The keys a message may carry; Vapi adds others (e.g. transcriber `metadata`) that OpenAI would
+# reject.
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client logs every request at INFO
+# the SDK's HTTP client logs every request at INFO
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 log = logging.getLogger("custom-llm")
 
 
 class ChatError(Exception):
-    """An error for the caller: an HTTP status and OpenAI's error fields. Raised before the stream has
-    started, it becomes the response; after, the stream ends with it as one `data:` event and [DONE]."""
+    """An error for the caller: an HTTP status and OpenAI's error fields. Raised before the stream
+    has started, it becomes the response; after, the stream ends with it as one `data:` event and
+    [DONE]."""
 
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
         super().__init__(message)
@@ -62,12 +67,14 @@ class ChatError(Exception):
 
 
 class ProviderFailed(ChatError):
-    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when it was too slow."""
+    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when it was too slow.
+    """
 
 
 @dataclasses.dataclass
 class Turn:
-    """One request: Vapi's body, the provider request built from it, and what its log line will say."""
+    """One request: Vapi's body, the provider request built from it, and what its log line will say.
+    """
 
     started: float
     path: str  # method and path, for the log line
@@ -77,10 +84,12 @@ class Turn:
     call_id: str = "-"
     first_token_at: float | None = None
     chunks: int = 0
-    steps: dict = dataclasses.field(default_factory=dict)  # extra `name=value` pairs for the log line
+    # extra `name=value` pairs for the log line
+    steps: dict = dataclasses.field(default_factory=dict)
 
     def relayed(self, chunk):
-        """Count a chunk sent to the caller; note when the first one with words or a tool call went out."""
+        """Count a chunk sent to the caller; note when the first one with words or a tool call went
+        out."""
         self.chunks += 1
         if self.first_token_at is None and any(
                 isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
@@ -90,11 +99,13 @@ class Turn:
 
 
 def read_chat_request():
-    """Check the bearer token and Vapi's body; returns this request's Turn. Lenient about what Vapi adds,
-    strict about what goes on: the provider request is built from the allow-list. Raises ChatError."""
+    """Check the bearer token and Vapi's body; returns this request's Turn. Lenient about what Vapi
+    adds, strict about what goes on: the provider request is built from the allow-list. Raises
+    ChatError."""
     turn = g.turn
     if not authorized(request.headers.get("Authorization", "")):
-        raise ChatError(401, "Missing or wrong bearer token (CUSTOM_LLM_API_KEY).", code="invalid_api_key")
+        raise ChatError(401, "Missing or wrong bearer token (CUSTOM_LLM_API_KEY).",
+                        code="invalid_api_key")
     if not request.is_json:
         raise ChatError(400, "Content-Type must be application/json.")
     try:
@@ -124,12 +135,14 @@ def read_chat_request():
     upstream["messages"] = [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in messages]
     turn.body, turn.upstream = body, upstream
     if not OPENAI_API_KEY:
-        raise ChatError(500, "OPENAI_API_KEY is not set on this server.", "server_error", code="missing_api_key")
+        raise ChatError(500, "OPENAI_API_KEY is not set on this server.", "server_error",
+                        code="missing_api_key")
     return turn
 
 
 def authorized(authorization):
-    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open when no key is set."""
+    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open when no key is set.
+    """
     if not CUSTOM_LLM_API_KEY:
         return True
     scheme, _, token = authorization.partition(" ")
@@ -143,49 +156,57 @@ def reject_constant(name):
 
 
 def provider_error(exc):
-    """The ProviderFailed for an exception from the provider call (the SDK's, or a broken answer)."""
-    if isinstance(exc, UnicodeEncodeError):  # the SDK could not encode the request: a lone surrogate
+    """The ProviderFailed for an exception from the provider call (the SDK's, or a broken answer).
+    """
+    # the SDK could not encode the request: a lone surrogate
+    if isinstance(exc, UnicodeEncodeError):
         return ProviderFailed(400, "The request contains text that is not valid Unicode.")
     if isinstance(exc, openai.APITimeoutError):
-        return ProviderFailed(504, "The model provider did not answer in time (OPENAI_TIMEOUT_SECONDS).",
-                              "timeout_error", code="provider_timeout")
+        return ProviderFailed(504, "The model provider did not answer in time "
+                              "(OPENAI_TIMEOUT_SECONDS).", "timeout_error", code="provider_timeout")
     if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
         error = exc.body if isinstance(exc.body, dict) else {}
         message = str(error.get("message") or exc.message)
         if OPENAI_API_KEY:
             message = message.replace(OPENAI_API_KEY, "[redacted]")
         return ProviderFailed(exc.status_code, f"Model provider: {message}",
-                              error.get("type") or "provider_error", error.get("param"), error.get("code"))
-    if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):  # no provider failure we know of
+                              error.get("type") or "provider_error", error.get("param"),
+                              error.get("code"))
+    # no provider failure we know of
+    if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):
         log.error("unexpected error from the provider call", exc_info=exc)
-    return ProviderFailed(502, "The model provider failed or could not be reached.", "provider_error",
-                          code="provider_unavailable")
+    return ProviderFailed(502, "The model provider failed or could not be reached.",
+                          "provider_error", code="provider_unavailable")
 
 
 def sse(payload):
-    """One Server-Sent Event: JSON on one `data:` line, so a newline in the text cannot break the framing."""
+    """One Server-Sent Event: JSON on one `data:` line, so a newline in the text cannot break the
+    framing."""
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 def warm_up(client):
     """Load the SDK's lazy parts and work out its platform headers (a `uname -p` subprocess) now, at
-    start-up, rather than on the first callers' turns: a burst of first calls would start one each."""
+    start-up, rather than on the first callers' turns: a burst of first calls would start one each.
+    """
     _ = client.chat.completions  # loads the SDK's lazy modules
     client.platform_headers()
 
 
 def init_app(app):
-    """What every folder's app has: the body limit, debug mode only when asked, OpenAI-shaped errors, one
-    log line per request (for a stream, written after its last byte), and GET /health."""
+    """What every folder's app has: the body limit, debug mode only when asked, OpenAI-shaped
+    errors, one log line per request (for a stream, written after its last byte), and GET /health.
+    """
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
     app.debug = FLASK_DEBUG  # Flask's debugger would show code to anyone who can reach the server
     if FLASK_DEBUG:
-        log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the internet",
-                    os.getenv("FLASK_DEBUG"))
+        log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the "
+                    "internet", os.getenv("FLASK_DEBUG"))
     if not OPENAI_API_KEY:
-        log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (see .env.example)")
+        log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (.env.example)")
     if not CUSTOM_LLM_API_KEY:
-        log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your provider account")
+        log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your "
+                    "provider account")
 
     @app.errorhandler(ChatError)
     def chat_error(exc):
@@ -234,6 +255,7 @@ def log_line(turn, status):
 
 
 def run_with_gunicorn():
-    """`python app.py`: run exactly what `gunicorn app:app` in this folder runs (see gunicorn.conf.py)."""
+    """`python app.py`: run exactly what `gunicorn app:app` in this folder runs (see
+    gunicorn.conf.py)."""
     os.chdir(HERE)
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "app:app"])

@@ -1,15 +1,16 @@
 """The provider's streamed answer as something a `for` loop iterates — identical in openai-sse/ and
 openai-advanced/ (a test compares them).
 
-Iterating a ProviderStream gives the provider's chunks as they arrive. It raises CallerHungUp when the caller
-closes the connection, ProviderFailed when the provider fails, and ProviderSilent (a ProviderFailed) when the
-provider says nothing for OPENAI_TIMEOUT_SECONDS. Behind the name: one greenlet reads the provider's stream
-into a queue, another waits on the caller's socket. The moment the caller hangs up, the reader is killed,
-which closes the provider's connection: the model stops generating and billing, even before its first token.
+Iterating a ProviderStream gives the provider's chunks as they arrive. It raises CallerHungUp when
+the caller closes the connection, ProviderFailed when the provider fails, and ProviderSilent (a
+ProviderFailed) when the provider says nothing for OPENAI_TIMEOUT_SECONDS. Behind the name: one
+greenlet reads the provider's stream into a queue, another waits on the caller's socket. The moment
+the caller hangs up, the reader is killed, which closes the provider's connection: the model stops
+generating and billing, even before its first token.
 
-It needs gevent's monkey-patching, which gunicorn's gevent worker applies (gunicorn.conf.py). Without it the
-reader would hold the whole process until the provider finished, and the caller would hear everything at once.
-"""
+It needs gevent's monkey-patching, which gunicorn's gevent worker applies (gunicorn.conf.py).
+Without it the reader would hold the whole process until the provider finished, and the caller would
+hear everything at once."""
 
 import json
 import socket
@@ -19,8 +20,6 @@ import gevent.monkey
 import gevent.queue
 import gevent.socket
 import openai
-from flask import request
-
 from contract import OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed, provider_error
 
 END = object()  # the reader puts it on the queue after the provider's last line
@@ -40,29 +39,31 @@ class ProviderSilent(ProviderFailed):
 
 
 class ProviderStream:
-    """One streaming request to the provider, sent at once. Iterate it for (raw, chunk) pairs — the text of
-    the provider's `data:` line and the chunk parsed from it — up to the provider's [DONE]. Use it in a
-    `with` block: leaving early (the caller went away, an error) closes the provider's stream."""
+    """One streaming request to the provider, sent at once. Iterate it for (raw, chunk) pairs — the
+    text of the provider's `data:` line and the chunk parsed from it — up to the provider's [DONE].
+    `caller` is the caller's socket, watched for a hang-up (None: not watched). Use it in a `with`
+    block: leaving early (the caller went away, an error) closes the provider's stream."""
 
-    def __init__(self, client, upstream):
+    def __init__(self, client, upstream, caller):
         if not gevent.monkey.is_module_patched("socket"):
-            raise ChatError(500, "This server streams with gevent: start it with `gunicorn app:app` (or "
-                                 "`python app.py`), not `flask run`.", "server_error", code="gevent_required")
+            raise ChatError(500, "This server streams with gevent: start it with "
+                                 "`gunicorn app:app` (or `python app.py`), not `flask run`.",
+                            "server_error", code="gevent_required")
         self.lines = gevent.queue.Queue()
         self.answered = False  # a `data:` line has arrived
         self.finished = False  # the provider's stream has ended
         self.peeked = None
         self.reader = gevent.spawn(self._read, client, upstream)
-        caller = request.environ.get("gunicorn.socket")
         self.watcher = gevent.spawn(self._watch, caller) if caller else None
 
     def _read(self, client, upstream):
-        """Send the request; put each `data:` line's payload on the queue, then an exception if it failed,
-        then END. Killing this greenlet closes the provider's connection."""
+        """Send the request; put each `data:` line's payload on the queue, then an exception if it
+        failed, then END. Killing this greenlet closes the provider's connection."""
         try:
-            # The SDK's low-level post() sends the dict as it is. The public create() first walks every
-            # message through the SDK's type adapters: 0.55 ms of CPU per message, 8 ms per turn for a
-            # 15-message call (measured). Retries, timeouts and error types are the SDK's as usual.
+            # The SDK's low-level post() sends the dict as it is. The public create() first walks
+            # every message through the SDK's type adapters: 0.55 ms of CPU per message, 8 ms per
+            # turn for a 15-message call (measured). Retries, timeouts and error types are the SDK's
+            # as usual.
             with client.post("/chat/completions", body={**upstream, "stream": True}, cast_to=object,
                              stream=True, stream_cls=openai.Stream[object]) as stream:
                 for line in stream.response.iter_lines():
@@ -73,7 +74,8 @@ class ProviderStream:
         self.lines.put(END)
 
     def _watch(self, caller):
-        """Wait for the caller's socket to become readable; if the caller closed it, stop the provider."""
+        """Wait for the caller's socket to become readable; if the caller closed it, stop the
+        provider."""
         try:
             gevent.socket.wait_read(caller.fileno())
             while caller.recv(1, socket.MSG_PEEK):  # the caller sent more (a pipelined request)
@@ -87,8 +89,8 @@ class ProviderStream:
         self.lines.put(HUNG_UP)
 
     def start(self):
-        """Wait for the provider's first line, before answering Vapi: until then a failure still gets a real
-        HTTP status. Raises as iterating does (and closes the stream)."""
+        """Wait for the provider's first line, before answering Vapi: until then a failure still
+        gets a real HTTP status. Raises as iterating does (and closes the stream)."""
         try:
             self.peeked = next(self, None)
         except BaseException:
@@ -136,19 +138,20 @@ class ProviderStream:
 
 
 def parse_chunk(line):
-    """The provider's chunk. One Vapi cannot use (no list of `choices` objects would fail the call) raises
-    ProviderFailed, with the provider's own error when it sent one in the stream."""
+    """The provider's chunk. One Vapi cannot use (no list of `choices` objects would fail the call)
+    raises ProviderFailed, with the provider's own error when it sent one in the stream."""
     try:
         chunk = json.loads(line)
     except ValueError:
         chunk = None
-    if (isinstance(chunk, dict) and "error" not in chunk and isinstance(chunk.get("choices"), list)
-            and all(isinstance(c, dict) and isinstance(c.get("delta", {}), dict) for c in chunk["choices"])):
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if isinstance(choices, list) and "error" not in chunk and all(
+            isinstance(c, dict) and isinstance(c.get("delta", {}), dict) for c in choices):
         return chunk
     error = chunk.get("error") if isinstance(chunk, dict) else None
     if isinstance(error, dict):
-        raise ProviderFailed(502, str(error.get("message") or "The model provider failed mid-answer."),
-                             str(error.get("type") or "provider_error"), error.get("param"),
-                             error.get("code"))
+        message = str(error.get("message") or "The model provider failed mid-answer.")
+        raise ProviderFailed(502, message, str(error.get("type") or "provider_error"),
+                             error.get("param"), error.get("code"))
     raise ProviderFailed(502, "The model provider sent a malformed chunk.", "provider_error",
                          code="bad_chunk")
