@@ -54,19 +54,24 @@ class Memory:
         """Store one completed turn, and drop turns older than the retention limit."""
         with self.transaction() as db:
             db.execute("INSERT INTO turns (call_id, caller, user_text, assistant_text, created_at) "
-                       "VALUES (?, ?, ?, ?, ?)", (call_id, caller, user_text, assistant_text, at or time.time()))
-            db.execute("DELETE FROM turns WHERE created_at < ?", (time.time() - self.retention_seconds,))
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (call_id, caller, user_text, assistant_text, at or time.time()))
+            db.execute("DELETE FROM turns WHERE created_at < ?",
+                       (time.time() - self.retention_seconds,))
 
     def recall(self, caller, exclude_call_id=None, limit=5):
         """The caller's most recent turns from earlier calls, newest first: [(created_at, user,
         assistant)]."""
         with self.transaction() as db:
             return db.execute(
-                "SELECT created_at, user_text, assistant_text FROM turns WHERE caller = ? AND call_id != ? "
+                "SELECT created_at, user_text, assistant_text FROM turns "
+                "WHERE caller = ? AND call_id != ? "
                 "AND created_at >= ? ORDER BY created_at DESC LIMIT ?",
-                (caller, exclude_call_id or "", time.time() - self.retention_seconds, limit)).fetchall()
+                (caller, exclude_call_id or "", time.time() - self.retention_seconds, limit),
+            ).fetchall()
 
     def forget_older_than(self, seconds):
         """Delete every turn older than `seconds`; returns how many."""
         with self.transaction() as db:
-            return db.execute("DELETE FROM turns WHERE created_at < ?", (time.time() - seconds,)).rowcount
+            return db.execute("DELETE FROM turns WHERE created_at < ?",
+                              (time.time() - seconds,)).rowcount

@@ -1,14 +1,14 @@
-"""Benchmark: what each server adds to a call's time to first token, how many calls it holds, its CPU per relayed
-chunk, how fast a hang-up reaches the provider, and its memory.
+"""Benchmark: what each server adds to a call's time to first token, how many calls it holds, its
+CPU per relayed chunk, how fast a hang-up reaches the provider, and its memory.
 
     python tests/benchmark.py                 # all three folders, about 5 minutes
     python tests/benchmark.py --quick         # a smoke run: two load levels, short windows
 
-It starts the stand-in provider (tests/fake_llm.py in its own process: 200 ms to the first token, 25 ms between
-tokens, 40 tokens per answer) and each server folder under its own gunicorn.conf.py, all on 127.0.0.1, and drives
-them with an asyncio load generator in this process. Every loop is bounded by a count and a deadline. Each load
-level is run against the stand-in directly too: "added" figures are the server's minus the direct ones. The
-table is printed and written to benchmark-results.md.
+It starts the stand-in provider (tests/fake_llm.py in its own process: 200 ms to the first token, 25
+ms between tokens, 40 tokens per answer) and each server folder under its own gunicorn.conf.py, all
+on 127.0.0.1, and drives them with an asyncio load generator in this process. Every loop is bounded
+by a count and a deadline. Each load level is run against the stand-in directly too: "added" figures
+are the server's minus the direct ones. The table is printed and written to benchmark-results.md.
 """
 
 import argparse
@@ -30,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TTFT, TOKEN_DELAY = 0.2, 0.025
-WORDS = 38  # the stand-in answers "You said: <the words>": 40 tokens, 42 chunks with the role and finish chunks
+# The stand-in answers "You said: <the words>": 40 tokens, 42 chunks with the role and finish ones.
+WORDS = 38
 CHUNKS_PER_CALL = WORDS + 4
 TOKEN = re.compile(rb'"content": ?"[^"]')
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -79,16 +80,19 @@ class Target:
 
 
 def request_bytes(target, words=WORDS, tag="0"):
-    """A Vapi-like request; the stand-in called directly gets only the OpenAI fields (it rejects others)."""
+    """A Vapi-like request; the stand-in called directly gets only OpenAI's fields (it rejects
+    any other, as OpenAI does)."""
     text = " ".join([f"t{tag}"] + [f"w{i}" for i in range(words - 1)])
     body = {"model": "gpt-4o-mini", "stream": True, "temperature": 0.5, "max_tokens": 250,
-            "messages": [{"role": "system", "content": "You are a receptionist."}, {"role": "user", "content": text}]}
+            "messages": [{"role": "system", "content": "You are a receptionist."},
+                         {"role": "user", "content": text}]}
     if target.name != "stand-in":
-        body["call"] = {"id": f"bench-{tag}", "customer": {"number": f"+1555{abs(hash(tag)) % 10**7:07d}"}}
+        body["call"] = {"id": f"bench-{tag}",
+                        "customer": {"number": f"+1555{abs(hash(tag)) % 10**7:07d}"}}
     body = json.dumps(body).encode()
     path = target.path
-    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (path.encode(), len(body)) + body)
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body)
 
 
 async def one_call(target, words=WORDS, tag="0", conn=None, on_chunks=None):
@@ -129,7 +133,8 @@ async def one_call(target, words=WORDS, tag="0", conn=None, on_chunks=None):
             result["chunks"] = data.count(b"data: ")
             if on_chunks:
                 on_chunks(result["chunks"])
-        result["ok"] = result["status"] == 200 and b"data: [DONE]" in data and b'"error"' not in data
+        result["ok"] = (result["status"] == 200 and b"data: [DONE]" in data
+                        and b'"error"' not in data)
         result["chunks"] -= 1  # [DONE] is not a chunk
         if on_chunks:
             on_chunks(-1)
@@ -145,7 +150,8 @@ async def one_call(target, words=WORDS, tag="0", conn=None, on_chunks=None):
 
 
 async def closed_loop(target, clients, seconds, warmup, words=WORDS):
-    """`clients` callers, each making calls back to back for `seconds`; stats over calls after `warmup`."""
+    """`clients` callers, each making calls back to back for `seconds`; the statistics cover the
+    calls started after `warmup`."""
     start = time.perf_counter()
     deadline = start + seconds
     window = {"chunks": 0, "calls": 0}
@@ -168,10 +174,12 @@ async def closed_loop(target, clients, seconds, warmup, words=WORDS):
 
     tasks = [asyncio.ensure_future(caller(i)) for i in range(clients)]
     await asyncio.sleep(warmup)
-    cpu0, self0, wall0 = cpu_seconds(target.pids), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu0, self0 = cpu_seconds(target.pids), resource.getrusage(resource.RUSAGE_SELF)
+    wall0 = time.perf_counter()
     fake0 = cpu_seconds([FAKE_PID])
     await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-    cpu1, self1, wall1 = cpu_seconds(target.pids), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu1, self1 = cpu_seconds(target.pids), resource.getrusage(resource.RUSAGE_SELF)
+    wall1 = time.perf_counter()
     fake1 = cpu_seconds([FAKE_PID])
     rss = [rss_mib(pid) for pid in target.pids[1:]] if target.name != "stand-in" else []
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
@@ -184,7 +192,8 @@ async def closed_loop(target, clients, seconds, warmup, words=WORDS):
         # CPU is counted per answer of CHUNKS_PER_CALL provider chunks (basic sends them as one)
         "chunks": window["calls"] * CHUNKS_PER_CALL,
         "server_cpu": cpu1 - cpu0, "fake_cpu_share": (fake1 - fake0) / wall,
-        "loadgen_cpu_share": (self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime) / wall,
+        "loadgen_cpu_share": (self1.ru_utime + self1.ru_stime
+                              - self0.ru_utime - self0.ru_stime) / wall,
         "rss": rss, "wall": wall,
     }
 
@@ -198,7 +207,7 @@ def fake_control(path, plan=None):
 
 
 async def hang_up_propagation(target, before_first_token, trials):
-    """Milliseconds from the caller closing the connection to the stand-in seeing its stream closed."""
+    """Milliseconds from the caller hanging up to the stand-in seeing its stream closed."""
     delays = []
     for _ in range(trials):
         fake_control("reset")
@@ -211,7 +220,7 @@ async def hang_up_propagation(target, before_first_token, trials):
             while not fake_control("streams") and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)
-        else:  # a few chunks in (basic sends everything at once, when the provider has already finished)
+        else:  # a few chunks in (basic sends it all at once, when the provider has finished)
             seen = b""
             while not TOKEN.search(seen) and time.monotonic() < deadline:
                 seen += await asyncio.wait_for(reader.read(65536), 3)
@@ -227,7 +236,7 @@ async def hang_up_propagation(target, before_first_token, trials):
             await asyncio.sleep(0.005)
         if stream is None:
             delays.append(float("inf"))
-        elif before_first_token or not stream["finished"]:  # basic: the answer was complete before its 1st byte
+        elif before_first_token or not stream["finished"]:  # basic: complete before its 1st byte
             delays.append((stream["closed_at"] - hung_up_at) * 1000)
     fake_control("reset")
     return delays
@@ -235,10 +244,12 @@ async def hang_up_propagation(target, before_first_token, trials):
 
 def start_server(folder, port, fake_port, tmp):
     env = {**os.environ, "PORT": str(port), "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
-           "OPENAI_API_KEY": "sk-benchmark", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "", "LOG_LEVEL": "WARNING",
+           "OPENAI_API_KEY": "sk-benchmark", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "",
+           "LOG_LEVEL": "WARNING",
            "OPENAI_MAX_RETRIES": "0", "MEMORY_DB_PATH": str(Path(tmp) / f"{folder}-memory.sqlite3")}
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
-                               cwd=ROOT / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
+        cwd=ROOT / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -265,17 +276,20 @@ async def measure(args, folders):
     direct = Target("stand-in", FAKE_PORT, "/v1/chat/completions", [])
     levels = args.levels
     report = {"direct": {}, "servers": {}}
-    print(f"stand-in: sequential calls, then {levels} concurrent callers for {args.seconds:.0f} s each", flush=True)
+    print(f"stand-in: sequential calls, then {levels} concurrent callers for "
+          f"{args.seconds:.0f} s each", flush=True)
     report["direct"]["one"] = await sequential_ttfts(direct, args.sequential)
     for clients in levels:
         report["direct"][clients] = await closed_loop(direct, clients, args.seconds, args.warmup)
-        print(f"  {clients:4d} callers: p50 {statistics.median(report['direct'][clients]['ttfts']):.1f} ms, "
+        print(f"  {clients:4d} callers: "
+              f"p50 {statistics.median(report['direct'][clients]['ttfts']):.1f} ms, "
               f"stand-in CPU {report['direct'][clients]['fake_cpu_share'] * 100:.0f}%", flush=True)
     for folder in folders:
         port = free_port()
         process = start_server(folder, port, FAKE_PORT, args.tmp)
         try:
-            target = Target(folder, port, "/chat/completions", [process.pid] + children(process.pid))
+            target = Target(folder, port, "/chat/completions",
+                            [process.pid] + children(process.pid))
             for _ in range(2):  # warm every worker up
                 await asyncio.gather(*(one_call(target, words=3, tag=f"w{i}") for i in range(20)))
             entry = {"idle_rss": [rss_mib(pid) for pid in target.pids[1:]]}
@@ -301,16 +315,21 @@ def render(report, args):
     base_one = statistics.median(direct["one"])
     lines = [
         f"Benchmark run {time.strftime('%Y-%m-%d %H:%M')} UTC on {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, " + ", ".join(f"{p} {metadata.version(p)}" for p in
-                                                    ("flask", "gunicorn", "gevent", "openai")) + ".",
-        f"Stand-in: {TTFT * 1000:.0f} ms to first token, {TOKEN_DELAY * 1000:.0f} ms between tokens, 40 tokens "
-        f"({CHUNKS_PER_CALL} chunks) per answer; load levels run {args.seconds:.0f} s each, measured after "
-        f"{args.warmup:.1f} s. Added = server minus stand-in called directly at the same level.",
+        f"{platform.python_version()}, "
+        + ", ".join(f"{p} {metadata.version(p)}" for p in ("flask", "gunicorn", "gevent", "openai"))
+        + ".",
+        f"Stand-in: {TTFT * 1000:.0f} ms to first token, {TOKEN_DELAY * 1000:.0f} ms between "
+        f"tokens, 40 tokens ({CHUNKS_PER_CALL} chunks) per answer; load levels run "
+        f"{args.seconds:.0f} s each, measured after {args.warmup:.1f} s. Added = server minus "
+        "stand-in called directly at the same level.",
         "",
-        "| server | added TTFT, 1 call p50 / p95 / p99 (ms) | added TTFT, 100 calls p50 / p95 / p99 (ms) | "
-        "streams held (0 errors, p99 TTFT < own p50 + 50 ms) | CPU s per 1000 chunks at 100 / 300 calls | "
-        "hang-up mid-stream → provider closed, median / max (ms) | hang-up before 1st token → closed, "
-        "median / max (ms) | RSS per worker idle / at 300 (MiB) |",
+        "| server | added TTFT, 1 call p50 / p95 / p99 (ms) | "
+        "added TTFT, 100 calls p50 / p95 / p99 (ms) | "
+        "streams held (0 errors, p99 TTFT < own p50 + 50 ms) | "
+        "CPU s per 1000 chunks at 100 / 300 calls | "
+        "hang-up mid-stream → provider closed, median / max (ms) | "
+        "hang-up before 1st token → closed, median / max (ms) | "
+        "RSS per worker idle / at 300 (MiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ladders = []
@@ -320,43 +339,52 @@ def render(report, args):
         hundred = entry.get(100)
         if hundred:
             base = statistics.median(direct[100]["ttfts"])
-            hundred_txt = " / ".join(f"{pct(hundred['ttfts'], q) - base:.1f}" for q in (0.5, 0.95, 0.99))
+            hundred_txt = " / ".join(f"{pct(hundred['ttfts'], q) - base:.1f}"
+                                     for q in (0.5, 0.95, 0.99))
         else:
             hundred_txt = "-"
-        # Held: no errors, and p99 TTFT within 50 ms of the server's own p50 at the lightest level (for the
-        # streaming servers that is the stand-in's TTFT plus ~2 ms; basic waits for whole answers by design).
+        # Held: no errors, and p99 TTFT within 50 ms of the server's own p50 at the lightest level
+        # (for the streaming servers that is the stand-in's TTFT plus ~2 ms; basic waits for whole
+        # answers by design).
         held, baseline = 0, pct(entry[args.levels[0]]["ttfts"], 0.5)
         for clients in args.levels:
             stats = entry[clients]
-            if stats["errors"] == 0 and stats["calls"] and pct(stats["ttfts"], 0.99) - baseline < 50:
+            p99 = pct(stats["ttfts"], 0.99)
+            if stats["errors"] == 0 and stats["calls"] and p99 - baseline < 50:
                 held = clients
         cpu = " / ".join(f"{entry[c]['server_cpu'] / max(1, entry[c]['chunks']) * 1000:.3f}"
                          if c in entry else "-" for c in (100, 300))
         mid, before = entry["hangup_mid"], entry["hangup_before"]
-        mid_txt = f"{statistics.median(mid):.0f} / {max(mid):.0f}" if mid else "n/a: answer complete before 1st byte"
+        mid_txt = (f"{statistics.median(mid):.0f} / {max(mid):.0f}" if mid
+                   else "n/a: answer complete before 1st byte")
         rss300 = entry[300]["rss"] if 300 in entry else []
         lines.append(
-            f"| {folder} | {one_txt} | {hundred_txt} | {held} of {max(args.levels)} tried | {cpu} | "
+            f"| {folder} | {one_txt} | {hundred_txt} | {held} of {max(args.levels)} tried | "
+            f"{cpu} | "
             f"{mid_txt} | {statistics.median(before):.0f} / {max(before):.0f} | "
             f"{' + '.join(f'{r:.0f}' for r in entry['idle_rss'])} / "
             f"{' + '.join(f'{r:.0f}' for r in rss300) or '-'} |")
-        ladders.append(f"\n{folder}: callers | calls | errors | TTFT p50 / p99 (ms) | added p99 (ms) | server CPU "
-                       f"per 1000 chunks (s) | stand-in CPU | load generator CPU")
+        ladders.append(f"\n{folder}: callers | calls | errors | TTFT p50 / p99 (ms) | "
+                       f"added p99 (ms) | server CPU per 1000 chunks (s) | stand-in CPU | "
+                       f"load generator CPU")
         for clients in args.levels:
             stats, base = entry[clients], statistics.median(direct[clients]["ttfts"])
             ladders.append(
-                f"  {clients:4d} | {stats['calls']:5d} | {stats['errors']:3d} | {pct(stats['ttfts'], 0.5):.1f} / "
+                f"  {clients:4d} | {stats['calls']:5d} | {stats['errors']:3d} | "
+                f"{pct(stats['ttfts'], 0.5):.1f} / "
                 f"{pct(stats['ttfts'], 0.99):.1f} | {pct(stats['ttfts'], 0.99) - base:.1f} | "
                 f"{stats['server_cpu'] / max(1, stats['chunks']) * 1000:.3f} | "
                 f"{stats['fake_cpu_share'] * 100:.0f}% | {stats['loadgen_cpu_share'] * 100:.0f}%")
-    ladders.append("\nstand-in called directly: callers | calls | errors | TTFT p50 / p99 (ms) | its CPU per 1000 "
-                   "chunks (s) | its CPU | load generator CPU")
+    ladders.append("\nstand-in called directly: callers | calls | errors | TTFT p50 / p99 (ms) | "
+                   "its CPU per 1000 chunks (s) | its CPU | load generator CPU")
     for clients in args.levels:
         stats = direct[clients]
+        fake_cpu = stats['fake_cpu_share'] * stats['wall'] / max(1, stats['chunks']) * 1000
         ladders.append(f"  {clients:4d} | {stats['calls']:5d} | {stats['errors']:3d} | "
                        f"{pct(stats['ttfts'], 0.5):.1f} / {pct(stats['ttfts'], 0.99):.1f} | "
-                       f"{stats['fake_cpu_share'] * stats['wall'] / max(1, stats['chunks']) * 1000:.3f} | "
-                       f"{stats['fake_cpu_share'] * 100:.0f}% | {stats['loadgen_cpu_share'] * 100:.0f}%")
+                       f"{fake_cpu:.3f}"
+                       f" | {stats['fake_cpu_share'] * 100:.0f}% | "
+                       f"{stats['loadgen_cpu_share'] * 100:.0f}%")
     return "\n".join(lines) + "\n" + "\n".join(ladders) + "\n"
 
 
@@ -375,8 +403,9 @@ def main():
     import tempfile
     with tempfile.TemporaryDirectory() as args.tmp:
         FAKE_PORT = free_port()
-        fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_llm.py"), "--port", str(FAKE_PORT),
-                                 "--ttft", str(TTFT), "--token-delay", str(TOKEN_DELAY), "--keep", "200"],
+        fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_llm.py"),
+                                 "--port", str(FAKE_PORT), "--ttft", str(TTFT),
+                                 "--token-delay", str(TOKEN_DELAY), "--keep", "200"],
                                 stdout=subprocess.DEVNULL)
         FAKE_PID = fake.pid
         time.sleep(1)

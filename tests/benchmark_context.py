@@ -2,8 +2,9 @@
 
     python tests/benchmark_context.py
 
-Runs the real Knowledge and Memory classes on the shipped knowledge/ folder and a temporary memory database
-with some history, over a set of caller questions, and prints the median and p95 of each step.
+Runs the real Knowledge and Memory classes on the shipped knowledge/ folder and a temporary memory
+database with some history, over a set of caller questions, and prints the median and p95 of
+each step.
 """
 
 import statistics
@@ -19,8 +20,9 @@ from knowledge import Knowledge  # noqa: E402
 from memory import Memory  # noqa: E402
 
 QUESTIONS = [
-    "What are your hours on Saturday?", "How much is a cleaning without insurance?", "Do you take Delta Dental?",
-    "Where can I park?", "Is there a fee if I cancel late?", "Can I bring my five year old?",
+    "What are your hours on Saturday?", "How much is a cleaning without insurance?",
+    "Do you take Delta Dental?", "Where can I park?", "Is there a fee if I cancel late?",
+    "Can I bring my five year old?",
     "Hi yeah I'd like to book a cleaning for next week", "Do you do whitening and how much is it?",
     "I have a really bad toothache and it's Sunday", "Which bus goes there?",
 ]
@@ -36,7 +38,8 @@ def main(rounds=200):
         memory = Memory(Path(tmp) / "memory.sqlite3", retention_days=30)
         callers = [f"+1555000{n:04d}" for n in range(200)]
         for i in range(2000):  # ten earlier turns for each of 200 callers
-            memory.remember(f"call-{i}", callers[i % 200], QUESTIONS[i % 10], "An answer of a typical length.")
+            memory.remember(f"call-{i}", callers[i % 200], QUESTIONS[i % 10],
+                            "An answer of a typical length.")
         timings = {"knowledge": [], "memory": [], "both": []}
         for i in range(rounds):
             for question in QUESTIONS:
@@ -48,9 +51,11 @@ def main(rounds=200):
                 timings["knowledge"].append((middle - started) * 1000)
                 timings["memory"].append((ended - middle) * 1000)
                 timings["both"].append((ended - started) * 1000)
-    print(f"{knowledge.passage_count()} passages, 2000 stored turns, {rounds * len(QUESTIONS)} lookups")
+    print(f"{knowledge.passage_count()} passages, 2000 stored turns, "
+          f"{rounds * len(QUESTIONS)} lookups")
     for step, values in timings.items():
-        print(f"{step:10s} median {statistics.median(values):.3f} ms   p95 {percentile(values, 0.95):.3f} ms")
+        print(f"{step:10s} median {statistics.median(values):.3f} ms   "
+              f"p95 {percentile(values, 0.95):.3f} ms")
 
 
 if __name__ == "__main__":

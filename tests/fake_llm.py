@@ -1,17 +1,19 @@
-"""A stand-in OpenAI-compatible provider: chat completions in JSON and SSE, on 127.0.0.1, no API key.
+"""A stand-in OpenAI-compatible provider: chat completions in JSON and SSE on 127.0.0.1, no key.
 
 Run it alone to try any server without a key:
 
     python tests/fake_llm.py --port 9000
     OPENAI_BASE_URL=http://127.0.0.1:9000/v1 OPENAI_API_KEY=fake gunicorn app:app
 
-By default it answers "You said: <the last user message>" one word per chunk. Tests script it per request
-(`fake.script(...)` or `fake.responder = ...`) with a dict of these keys, all optional:
+By default it answers "You said: <the last user message>" one word per chunk. Tests script it per
+request (`fake.script(...)` or `fake.responder = ...`) with a dict of these keys, all optional:
 
     text / tokens        what to say (a string split into words, or the exact chunks)
-    tool_calls           [{"name": ..., "arguments": "...json..."}], streamed in fragments like OpenAI does
-    ttft, token_delay    seconds before the first chunk and between chunks (after the headers are sent)
-    headers_delay        seconds before even the status line (some providers answer only with the first token)
+    tool_calls           [{"name": ..., "arguments": "...json..."}], streamed in fragments like
+                         OpenAI does
+    ttft, token_delay    seconds before the first chunk and between chunks (after the headers)
+    headers_delay        seconds before even the status line (some providers answer only with the
+                         first token)
     status, error        answer with this HTTP status and OpenAI-shaped error body instead
     cut_after            close the connection after this many chunks, mid-stream
     hang                 never answer; wait until the client gives up
@@ -21,9 +23,9 @@ By default it answers "You said: <the last user message>" one word per chunk. Te
     only_done            send nothing but "data: [DONE]"
     finish_reason        overrides "stop" / "tool_calls"
 
-It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it records every
-request it received (`fake.requests`) and every response it streamed (`fake.streams`), and notices the moment a
-client closes a connection early.
+It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it
+records every request it received (`fake.requests`) and every response it streamed (`fake.streams`),
+and notices the moment a client closes a connection early.
 """
 
 import argparse
@@ -33,13 +35,15 @@ import json
 import threading
 import time
 
-# The parameters OpenAI's chat completions endpoint accepts. Anything else gets OpenAI's own 400, as the
-# real API does, so a server that forwards Vapi's extra fields fails here exactly as it would in production.
+# The parameters OpenAI's chat completions endpoint accepts. Anything else gets OpenAI's own 400, as
+# the real API does, so a server that forwards Vapi's extra fields fails here exactly as it would in
+# production.
 KNOWN_PARAMS = {
-    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
-    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-    "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-    "service_tier", "store", "metadata", "reasoning_effort", "modalities", "prediction", "audio",
+    "model", "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop",
+    "max_tokens", "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias",
+    "logprobs", "top_logprobs", "user", "seed", "tools", "tool_choice", "parallel_tool_calls",
+    "response_format", "service_tier", "store", "metadata", "reasoning_effort", "modalities",
+    "prediction", "audio",
 }
 
 
@@ -63,9 +67,9 @@ def error_body(message, type_="invalid_request_error", code=None, param=None):
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
-               502: "Bad Gateway", 503: "Service Unavailable"}
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+               404: "Not Found", 405: "Method Not Allowed", 429: "Too Many Requests",
+               500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 class Connection(asyncio.Protocol):
@@ -128,18 +132,20 @@ class Connection(asyncio.Protocol):
     def send_json(self, status, payload):
         data = json.dumps(payload).encode()
         self.write(
-            f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Status')}\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Status')}\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n\r\n".encode() + data
         )
 
 
 class FakeLLM:
-    """The stand-in server. Start it in a background thread with start(), or in the foreground with serve()."""
+    """The stand-in server: in a background thread with start(), or in the foreground, serve()."""
 
-    def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None, keep=None):
+    def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None,
+                 keep=None):
         self.host, self.port = host, port
         self.ttft, self.token_delay = ttft, token_delay
-        self.keep = keep                # keep only the last `keep` requests and streams (for long benchmarks)
+        self.keep = keep                # keep only the last `keep` requests and streams
         self.api_key = api_key          # when set, requests must carry it as a bearer token
         self.requests = []              # every request: {"path", "headers", "body", "at"}
         self.streams = []               # every response to a chat request, as Stream objects
@@ -149,7 +155,7 @@ class FakeLLM:
         self._server = None
         self._ids = 0
 
-    # --- control, from any thread ---------------------------------------------------------------------
+    # --- control, from any thread -----------------------------------------------------------------
 
     @property
     def base_url(self):
@@ -193,7 +199,8 @@ class FakeLLM:
 
     async def _listen(self):
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), self.host, self.port, backlog=2048)
+        self._server = await loop.create_server(lambda: Connection(self), self.host, self.port,
+                                                backlog=2048)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def serve(self):
@@ -206,7 +213,7 @@ class FakeLLM:
         except KeyboardInterrupt:
             pass
 
-    # --- the HTTP side -----------------------------------------------------------------------------------
+    # --- the HTTP side ----------------------------------------------------------------------------
 
     async def respond(self, conn, method, path, headers, raw_body):
         """Answer one request; returns whether the connection may be kept alive."""
@@ -214,7 +221,8 @@ class FakeLLM:
         if route.startswith("/_fake/"):
             return self.control(conn, route, raw_body)
         if method == "GET" and route in ("/v1/models", "/models"):
-            conn.send_json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+            conn.send_json(200, {"object": "list",
+                                 "data": [{"id": "fake-model", "object": "model"}]})
             return True
         if not route.endswith("/chat/completions"):
             conn.send_json(404, error_body(f"Unknown path {path}", code="not_found"))
@@ -223,7 +231,8 @@ class FakeLLM:
             body = json.loads(raw_body or b"null")
         except ValueError:
             body = None
-        self.requests.append({"path": route, "headers": headers, "body": body, "at": time.monotonic()})
+        self.requests.append({"path": route, "headers": headers, "body": body,
+                              "at": time.monotonic()})
         if method != "POST":
             conn.send_json(405, error_body("Use POST"))
             return True
@@ -238,7 +247,8 @@ class FakeLLM:
             conn.send_json(400, error_body(f"Unrecognized request argument supplied: {unknown[0]}"))
             return True
         if not isinstance(body.get("messages"), list) or not body["messages"]:
-            conn.send_json(400, error_body("'messages' must be a non-empty array", param="messages"))
+            conn.send_json(400, error_body("'messages' must be a non-empty array",
+                                           param="messages"))
             return True
 
         plan = self._plan_for(body)
@@ -255,12 +265,13 @@ class FakeLLM:
             conn.stream = None
 
     def control(self, conn, route, raw_body):
-        """For a stand-in in another process (the benchmark): /_fake/stats, streams, script and reset."""
+        """For a stand-in in its own process (benchmark): /_fake/stats, streams, script, reset."""
         if route == "/_fake/stats":
             conn.send_json(200, {"open": len(self.open_streams()), "streams": len(self.streams)})
         elif route == "/_fake/streams":
-            conn.send_json(200, [{"opened_at": s.opened_at, "closed_at": s.closed_at, "finished": s.finished,
-                                  "client_closed": s.client_closed, "chunks_sent": s.chunks_sent}
+            conn.send_json(200, [{"opened_at": s.opened_at, "closed_at": s.closed_at,
+                                  "finished": s.finished, "client_closed": s.client_closed,
+                                  "chunks_sent": s.chunks_sent}
                                  for s in self.streams[-100:]])
         elif route == "/_fake/script":
             self.script(json.loads(raw_body))
@@ -288,7 +299,7 @@ class FakeLLM:
         return plan
 
     async def _wait(self, conn, seconds):
-        """Sleep, but wake up early when the client closes the connection. True if it is still there."""
+        """Sleep, waking early if the client hangs up. Returns whether the client is still there."""
         if seconds > 0 and not conn.closed.is_set():
             try:
                 await asyncio.wait_for(conn.closed.wait(), seconds)
@@ -304,8 +315,8 @@ class FakeLLM:
             return False
         if plan.get("status"):
             status = plan["status"]
-            conn.send_json(status, plan.get("error") or error_body(f"Scripted error {status}",
-                                                                    type_="api_error", code=str(status)))
+            conn.send_json(status, plan.get("error") or error_body(
+                f"Scripted error {status}", type_="api_error", code=str(status)))
             stream.finished = True
             return True
 
@@ -324,25 +335,30 @@ class FakeLLM:
                 conn.transport.abort()
                 return False
             if plan.get("malformed_after") is not None:
-                conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n"
+                conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 28\r\n\r\n"
                            b'{"id": "broken", "choices": ')
                 stream.finished = True
                 return True
-            message = {"role": "assistant", "content": "".join(tokens) if tokens or not tool_calls else None}
+            message = {"role": "assistant",
+                       "content": "".join(tokens) if tokens or not tool_calls else None}
             if tool_calls:
-                message["tool_calls"] = [{"id": c["id"], "type": "function",
-                                          "function": {"name": c["name"], "arguments": c["arguments"]}}
-                                         for c in tool_calls]
+                message["tool_calls"] = [
+                    {"id": c["id"], "type": "function",
+                     "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    for c in tool_calls]
             conn.send_json(200, {
-                "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "id": completion_id, "object": "chat.completion", "created": int(time.time()),
+                "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens), "total_tokens": 10 + len(tokens)},
+                "usage": {"prompt_tokens": 10, "completion_tokens": len(tokens),
+                          "total_tokens": 10 + len(tokens)},
             })
             stream.finished = True
             return True
 
-        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                   b"Transfer-Encoding: chunked\r\n\r\n")
+        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                   b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
         head = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": model}
 
@@ -351,8 +367,8 @@ class FakeLLM:
             return b"%x\r\n%s\r\n" % (len(data), data)
 
         def chunk(delta, finish=None):
-            return event(json.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]},
-                                    separators=(",", ":")).encode())
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            return event(json.dumps({**head, "choices": choices}, separators=(",", ":")).encode())
 
         deltas = [{"role": "assistant", "content": ""}]
         deltas += [{"content": token} for token in tokens]
@@ -361,7 +377,8 @@ class FakeLLM:
                                            "function": {"name": call["name"], "arguments": ""}}]})
             arguments = call["arguments"]
             for start in range(0, len(arguments), 8):
-                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": arguments[start:start + 8]}}]})
+                fragment = arguments[start:start + 8]
+                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": fragment}}]})
 
         if not await self._wait(conn, plan["ttft"]):
             return False
@@ -378,8 +395,8 @@ class FakeLLM:
             if plan.get("malformed_after") == n:
                 conn.write(event(b'{"id": "broken", "choices": [{"delta": {"content": "oops'))
             if plan.get("error_event_after") == n:
-                conn.write(event(json.dumps(error_body("The model crashed mid-answer.", type_="server_error"))
-                                 .encode()))
+                error = error_body("The model crashed mid-answer.", type_="server_error")
+                conn.write(event(json.dumps(error).encode()))
                 conn.write(event(b"[DONE]") + b"0\r\n\r\n")
                 stream.finished = True
                 return True
@@ -400,7 +417,8 @@ def last_user_text(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+                return " ".join(p["text"] for p in content
+                                if isinstance(p, dict) and isinstance(p.get("text"), str))
             return content if isinstance(content, str) else ""
     return ""
 
@@ -417,6 +435,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--ttft", type=float, default=0.2, help="seconds before the first chunk")
     parser.add_argument("--token-delay", type=float, default=0.025, help="seconds between chunks")
-    parser.add_argument("--keep", type=int, default=1000, help="how many requests and streams to remember")
+    parser.add_argument("--keep", type=int, default=1000,
+                        help="how many requests and streams to remember")
     args = parser.parse_args()
-    FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay, keep=args.keep).serve()
+    FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay,
+            keep=args.keep).serve()

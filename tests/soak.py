@@ -3,10 +3,11 @@
     python tests/soak.py                          # each folder: 120 callers for 120 s, 30% hang up
     python tests/soak.py --seconds 30 --folders openai-sse
 
-Checks, per server: zero errors for the calls that stay, every finished call got exactly its own words, zero
-provider streams left open at the end, RSS at the start and the end, and for openai-advanced that every finished
-turn is stored in memory exactly once (and no interrupted one more than once). Traffic goes to 127.0.0.1 only;
-every caller stops at the deadline. Exits non-zero if a check fails.
+Checks, per server: zero errors for the calls that stay, every finished call got exactly its own
+words, zero provider streams left open at the end, RSS at the start and the end, and for
+openai-advanced that every finished turn is stored in memory exactly once (and no interrupted one
+more than once). Traffic goes to 127.0.0.1 only; every caller stops at the deadline. Exits non-zero
+if a check fails.
 """
 
 import argparse
@@ -88,13 +89,16 @@ async def run_folder(folder, args, tmp):
     port = bench.free_port()
     process = bench.start_server(folder, port, bench.FAKE_PORT, tmp)
     try:
-        target = bench.Target(folder, port, "/chat/completions", [process.pid] + bench.children(process.pid))
+        target = bench.Target(folder, port, "/chat/completions",
+                              [process.pid] + bench.children(process.pid))
         for _ in range(2):
-            await asyncio.gather(*(bench.one_call(target, words=3, tag=f"warm{i}") for i in range(20)))
+            await asyncio.gather(*(bench.one_call(target, words=3, tag=f"warm{i}")
+                                   for i in range(20)))
         rss_start = [bench.rss_mib(pid) for pid in target.pids[1:]]
         rss_samples = []
 
-        async def sample_rss():  # total RSS of the workers every tenth of the run: flat, or still growing?
+        # total RSS of the workers every tenth of the run: flat, or still growing?
+        async def sample_rss():
             for _ in range(10):
                 await asyncio.sleep(args.seconds / 10)
                 rss_samples.append(round(sum(bench.rss_mib(pid) for pid in target.pids[1:]), 1))
@@ -105,18 +109,21 @@ async def run_folder(folder, args, tmp):
         await asyncio.sleep(3)  # let hung-up streams and memory writes settle
         rss_end = [bench.rss_mib(pid) for pid in target.pids[1:]]
         open_streams = bench.fake_control("stats")["open"]
-        result = {"folder": folder, "finished": len(outcomes["finished"]), "hung_up": len(outcomes["hung_up"]),
-                  "errors": outcomes["error"][:5], "error_count": len(outcomes["error"]),
+        result = {"folder": folder, "finished": len(outcomes["finished"]),
+                  "hung_up": len(outcomes["hung_up"]), "errors": outcomes["error"][:5],
+                  "error_count": len(outcomes["error"]),
                   "open_provider_streams": open_streams, "rss_start": rss_start, "rss_end": rss_end,
                   "rss_total_during_run": rss_samples}
         if folder == "openai-advanced":
             database = Path(tmp) / f"{folder}-memory.sqlite3"
             with sqlite3.connect(database) as db:
-                rows = dict(db.execute("SELECT call_id, count(*) FROM turns GROUP BY call_id").fetchall())
+                rows = dict(db.execute("SELECT call_id, count(*) FROM turns GROUP BY call_id")
+                            .fetchall())
             finished = [f"bench-{tag}" for tag, _ in outcomes["finished"]]
             result["turns_stored_once"] = sum(rows.get(call_id) == 1 for call_id in finished)
             result["turns_missing_or_duplicated"] = len(finished) - result["turns_stored_once"]
-            result["interrupted_stored_twice"] = sum(rows.get(f"bench-{tag}", 0) > 1 for tag, _ in outcomes["hung_up"])
+            result["interrupted_stored_twice"] = sum(rows.get(f"bench-{tag}", 0) > 1
+                                                     for tag, _ in outcomes["hung_up"])
         return result
     finally:
         process.terminate()
@@ -133,8 +140,9 @@ def main():
     args = parser.parse_args()
     bench.FAKE_PORT = bench.free_port()
     fake = subprocess.Popen([sys.executable, str(bench.ROOT / "tests" / "fake_llm.py"), "--port",
-                             str(bench.FAKE_PORT), "--ttft", str(bench.TTFT), "--token-delay", str(bench.TOKEN_DELAY),
-                             "--keep", "200"], stdout=subprocess.DEVNULL)
+                             str(bench.FAKE_PORT), "--ttft", str(bench.TTFT),
+                             "--token-delay", str(bench.TOKEN_DELAY), "--keep", "200"],
+                            stdout=subprocess.DEVNULL)
     bench.FAKE_PID = fake.pid
     time.sleep(1)
     failed = False
@@ -145,7 +153,8 @@ def main():
                 result = asyncio.run(run_folder(folder, args, tmp))
                 print(json.dumps(result), flush=True)
                 failed |= bool(result["error_count"] or result["open_provider_streams"]
-                               or result.get("turns_missing_or_duplicated") or result.get("interrupted_stored_twice"))
+                               or result.get("turns_missing_or_duplicated")
+                               or result.get("interrupted_stored_twice"))
     finally:
         fake.terminate()
     sys.exit(1 if failed else 0)

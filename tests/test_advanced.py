@@ -1,4 +1,5 @@
-"""What openai-advanced adds: prompt shaping, knowledge, memory across calls, rewrite, server-side tools."""
+"""What openai-advanced adds: prompt shaping, knowledge, memory across calls, the rewrite, and
+server-side tools."""
 
 import json
 import sqlite3
@@ -7,9 +8,10 @@ import uuid
 
 import pytest
 
-from conftest import load_fixture, post_chat, read_sse, run_at_once, streamed_text
+from conftest import (FOLDERS, load_fixture, open_raw_stream, post_chat, read_sse, run_at_once,
+                      streamed_text, wait_for)
 
-pytestmark = pytest.mark.skipif("openai-advanced" not in __import__("conftest").FOLDERS, reason="no folder yet")
+pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
 REWRITE_MARKER = "You clean up phone-call transcripts"
 
 
@@ -32,17 +34,11 @@ def system_prompt(fake_body):
     return fake_body["messages"][0]["content"]
 
 
-def wait_for(condition, seconds=3.0):
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
-
-
 def memory_rows(server, **where):
     with sqlite3.connect(server.env["MEMORY_DB_PATH"]) as db:
         clause = " AND ".join(f"{key} = ?" for key in where) or "1"
-        return db.execute(f"SELECT call_id, caller, user_text, assistant_text FROM turns WHERE {clause}",
+        return db.execute("SELECT call_id, caller, user_text, assistant_text FROM turns "
+                          f"WHERE {clause}",
                           tuple(where.values())).fetchall()
 
 
@@ -51,7 +47,7 @@ def main_requests(fake):
     return [b for b in fake.chat_bodies() if REWRITE_MARKER not in json.dumps(b["messages"][0])]
 
 
-# --- prompt and knowledge --------------------------------------------------------------------------------------
+# --- prompt and knowledge -------------------------------------------------------------------------
 
 def test_knowledge_passage_and_the_users_own_prompt_reach_the_model(advanced, fake):
     events, done = read_sse(post_chat(advanced, phone_call("What are your hours on Saturday?")))
@@ -86,7 +82,7 @@ def test_web_call_without_system_prompt_or_number_still_gets_context(advanced, f
     assert messages[1:] == body["messages"]
 
 
-# --- memory ----------------------------------------------------------------------------------------------------
+# --- memory ---------------------------------------------------------------------------------------
 
 def test_a_second_call_from_the_same_number_sees_the_first(advanced, fake):
     number = "+15550001111"
@@ -114,7 +110,8 @@ def test_memory_stores_the_turn_once_with_the_original_words(advanced):
     read_sse(post_chat(advanced, body))
     assert wait_for(lambda: memory_rows(advanced, call_id=body["call"]["id"]))
     assert memory_rows(advanced, call_id=body["call"]["id"]) == [
-        (body["call"]["id"], body["customer"]["number"], "Can I bring my son?", "You said: Can I bring my son?")]
+        (body["call"]["id"], body["customer"]["number"], "Can I bring my son?",
+         "You said: Can I bring my son?")]
 
 
 def test_tool_result_turns_and_web_calls_are_not_stored(advanced):
@@ -125,17 +122,14 @@ def test_tool_result_turns_and_web_calls_are_not_stored(advanced):
     web["call"]["id"] = web_id = str(uuid.uuid4())
     read_sse(post_chat(advanced, web))
     time.sleep(0.2)
-    assert memory_rows(advanced, call_id=call_id) == [] and memory_rows(advanced, call_id=web_id) == []
+    assert memory_rows(advanced, call_id=call_id) == []
+    assert memory_rows(advanced, call_id=web_id) == []
 
 
 def test_an_interrupted_turn_is_not_stored(advanced, fake):
-    import socket
     fake.script({"text": " ".join(["word"] * 100), "token_delay": 0.05})
     body = phone_call("Tell me everything.")
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", advanced.port))
-    sock.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    sock = open_raw_stream(advanced, body)
     sock.recv(4096)
     sock.close()
     assert wait_for(lambda: fake.streams and not fake.streams[0].open)
@@ -156,15 +150,17 @@ def test_memory_off_stores_nothing(start_server, fake, tmp_path):
 def test_retention_removes_old_turns(advanced, fake):
     number = "+15550004444"
     with sqlite3.connect(advanced.env["MEMORY_DB_PATH"]) as db:
-        db.execute("INSERT INTO turns (call_id, caller, user_text, assistant_text, created_at) VALUES "
-                   "('old-call', ?, 'Ancient question', 'Ancient answer', ?)", (number, time.time() - 40 * 86400))
+        db.execute("INSERT INTO turns (call_id, caller, user_text, assistant_text, created_at) "
+                   "VALUES ('old-call', ?, 'Ancient question', 'Ancient answer', ?)",
+                   (number, time.time() - 40 * 86400))
     read_sse(post_chat(advanced, phone_call("Hello again.", number)))
-    assert "Ancient question" not in system_prompt(fake.chat_bodies()[0]), "older than MEMORY_RETENTION_DAYS"
+    assert "Ancient question" not in system_prompt(fake.chat_bodies()[0]), \
+        "older than MEMORY_RETENTION_DAYS"
     assert wait_for(lambda: memory_rows(advanced, caller=number, user_text="Hello again."))
     assert memory_rows(advanced, call_id="old-call") == [], "deleted on the next write"
 
 
-# --- rewrite ---------------------------------------------------------------------------------------------------
+# --- rewrite --------------------------------------------------------------------------------------
 
 def rewrite_responder(plan):
     return lambda body: plan if REWRITE_MARKER in json.dumps(body["messages"][0]) else None
@@ -180,12 +176,14 @@ def test_rewrite_on_the_model_sees_the_rewritten_words(start_server, fake):
     assert "uh what r ur hours sat" in rewrite_request["messages"][1]["content"]
     [answer_request] = main_requests(fake)
     assert answer_request["messages"][-1]["content"] == "What are your opening hours on Saturday?"
-    assert "Saturday from 9:00 am" in system_prompt(answer_request), "knowledge uses the rewritten question"
+    assert "Saturday from 9:00 am" in system_prompt(answer_request), \
+        "knowledge uses the rewritten question"
     assert wait_for(lambda: body["call"]["id"] in server.log())
     assert "rewrite_ms=" in server.log()
 
 
-@pytest.mark.parametrize("plan", [{"ttft": 5}, {"status": 500}, {"hang": True}], ids=["slow", "error", "hang"])
+@pytest.mark.parametrize("plan", [{"ttft": 5}, {"status": 500}, {"hang": True}],
+                         ids=["slow", "error", "hang"])
 def test_rewrite_that_fails_keeps_the_original_within_the_budget(start_server, fake, plan):
     server = start_server("openai-advanced", REWRITE_ENABLED="1", REWRITE_BUDGET_MS="500")
     fake.responder = rewrite_responder(plan)
@@ -206,10 +204,10 @@ def test_rewrite_never_touches_a_tool_turn(start_server, fake):
     assert fake.chat_bodies()[0]["messages"][-1] == body["messages"][-1]
 
 
-# --- server-side tools -----------------------------------------------------------------------------------------
+# --- server-side tools ----------------------------------------------------------------------------
 
 def tool_then_answer(name, arguments, answer="We have 9:30 or 2 pm open on Tuesday."):
-    """Provider script: call the tool first; once a tool result is in the messages, answer in words."""
+    """Provider script: call the tool, then answer in words once its result is in the messages."""
     def respond(body):
         if body["messages"][-1]["role"] == "tool":
             return {"text": answer}
@@ -221,10 +219,12 @@ def test_server_tool_round_trip(advanced, fake, scheduling_api):
     fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}')
     response = post_chat(advanced, phone_call("Anything open next Tuesday?"))
     raw = response.content.decode()
-    events, done = read_sse(type("R", (), {"iter_lines": lambda self, **k: iter(raw.split("\n"))})())
+    events, done = read_sse(raw)
     assert done and raw.rstrip().endswith("data: [DONE]")
-    assert streamed_text(events) == "One moment while I check that.We have 9:30 or 2 pm open on Tuesday."
-    assert not any("tool_calls" in e["choices"][0]["delta"] for e in events), "server tools are not Vapi's"
+    assert streamed_text(events) == \
+        "One moment while I check that.We have 9:30 or 2 pm open on Tuesday."
+    assert not any("tool_calls" in e["choices"][0]["delta"] for e in events), \
+        "server tools are not Vapi's"
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     assert scheduling_api.requests == ["/slots?date=2026-01-06"]
 
@@ -246,10 +246,12 @@ def test_local_tool_round_trip(advanced, fake):
 
 
 @pytest.mark.parametrize("mode", ["down", "slow", "unreachable"])
-def test_scheduling_api_failure_becomes_a_result_the_model_can_talk_about(start_server, fake, scheduling_api,
+def test_scheduling_api_failure_becomes_a_result_the_model_can_talk_about(start_server, fake,
+                                                                            scheduling_api,
                                                                             mode):
     url = scheduling_api.url if mode != "unreachable" else "http://127.0.0.1:9"
-    server = start_server("openai-advanced", AVAILABILITY_API_URL=url, AVAILABILITY_TIMEOUT_SECONDS="1")
+    server = start_server("openai-advanced", AVAILABILITY_API_URL=url,
+                          AVAILABILITY_TIMEOUT_SECONDS="1")
     scheduling_api.mode = mode
     fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}',
                                       "Sorry, I can't see the calendar right now.")
@@ -260,12 +262,15 @@ def test_scheduling_api_failure_becomes_a_result_the_model_can_talk_about(start_
 
 def test_vapi_tools_pass_through_untouched(advanced, fake):
     fake.script({"tokens": ["Connecting you now."],
-                 "tool_calls": [{"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+                 "tool_calls": [{"name": "transferCall",
+                                 "arguments": '{"destination":"+15555550188"}'}]})
     events, done = read_sse(post_chat(advanced, load_fixture("with-vapi-tools.json")))
     assert done and len(fake.chat_bodies()) == 1
     calls = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
-    assert calls[0]["function"] == {"name": "transferCall", "arguments": ""} and calls[0]["index"] == 0
-    assert "".join(c["function"].get("arguments", "") for c in calls) == '{"destination":"+15555550188"}'
+    assert calls[0]["function"] == {"name": "transferCall", "arguments": ""}
+    assert calls[0]["index"] == 0
+    assert "".join(c["function"].get("arguments", "") for c in calls) == \
+        '{"destination":"+15555550188"}'
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -292,7 +297,8 @@ def test_round_limit(start_server, fake):
     fake.responder = always_the_tool
     events, done = read_sse(post_chat(server, phone_call("What time is it there?")))
     assert done and streamed_text(events).endswith("Let me have someone call you back.")
-    assert len(fake.chat_bodies()) == 3, "two tool rounds, then one answer without server-side tools"
+    assert len(fake.chat_bodies()) == 3, \
+        "two tool rounds, then one answer without server-side tools"
     assert streamed_text(events).count("One moment while I check that.") == 1
 
 
@@ -311,7 +317,7 @@ def test_stream_false_runs_the_same_tool_rounds(advanced, fake):
     assert fake.chat_bodies()[1]["messages"][-1]["role"] == "tool"
 
 
-# --- latency accounting and load --------------------------------------------------------------------------------
+# --- latency accounting and load ------------------------------------------------------------------
 
 def test_log_line_times_each_step(advanced):
     body = phone_call("Hours on Friday?")
@@ -323,7 +329,8 @@ def test_log_line_times_each_step(advanced):
 
 
 def test_concurrent_calls_under_two_workers_store_every_turn_once(start_server, fake, tmp_path):
-    server = start_server("openai-advanced", WEB_CONCURRENCY="2", MEMORY_DB_PATH=str(tmp_path / "load.sqlite3"))
+    server = start_server("openai-advanced", WEB_CONCURRENCY="2",
+                          MEMORY_DB_PATH=str(tmp_path / "load.sqlite3"))
     fake.token_delay = 0.005
     numbers = [f"+1555000{n:04d}" for n in range(8)]
     bodies = [phone_call(f"Question {i} from caller {i % 8}", numbers[i % 8]) for i in range(48)]
@@ -336,5 +343,6 @@ def test_concurrent_calls_under_two_workers_store_every_turn_once(start_server, 
     assert errors == []
     assert wait_for(lambda: len(memory_rows(server)) == 48, 5)
     rows = memory_rows(server)
-    assert sorted(row[0] for row in rows) == sorted(body["call"]["id"] for body in bodies), "each turn once"
+    assert sorted(row[0] for row in rows) == sorted(body["call"]["id"] for body in bodies), \
+        "each turn once"
     assert "locked" not in server.log() and "Traceback" not in server.log()

@@ -13,7 +13,8 @@ def server(start_server):
 
 
 def test_whole_answer_as_role_content_finish_done(server, fake):
-    fake.script({"text": "Sure thing! Do you prefer a morning or an afternoon?", "token_delay": 0.01})
+    fake.script({"text": "Sure thing! Do you prefer a morning or an afternoon?",
+                 "token_delay": 0.01})
     response = post_chat(server, load_fixture("first-turn.json"))
     assert response.headers["Content-Type"].startswith("text/event-stream")
     events, done = read_sse(response)
@@ -25,17 +26,20 @@ def test_whole_answer_as_role_content_finish_done(server, fake):
     ]
     assert [event["choices"][0]["finish_reason"] for event in events] == [None, None, "stop"]
     assert len({event["id"] for event in events}) == 1
-    assert fake.chat_bodies()[0].get("stream") in (None, False), "basic asks the provider for the whole answer"
+    assert fake.chat_bodies()[0].get("stream") in (None, False), \
+        "basic asks the provider for the whole answer"
 
 
 def test_tool_calls_in_one_chunk_with_their_finish_reason(server, fake):
-    fake.script({"tool_calls": [{"name": "endCall", "arguments": "{}"},
-                                {"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+    fake.script({"tool_calls": [
+        {"name": "endCall", "arguments": "{}"},
+        {"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
     events, done = read_sse(post_chat(server, load_fixture("with-vapi-tools.json")))
     assert done
     [tool_event] = [event for event in events if "tool_calls" in event["choices"][0]["delta"]]
     calls = tool_event["choices"][0]["delta"]["tool_calls"]
-    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "endCall"), (1, "transferCall")]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "endCall"),
+                                                                     (1, "transferCall")]
     assert json.loads(calls[1]["function"]["arguments"]) == {"destination": "+15555550188"}
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -46,7 +50,8 @@ def test_fifty_concurrent_calls_complete_without_mixing(start_server, fake):
     results = {}
 
     def call(i):
-        body = {**load_fixture("first-turn.json"), "messages": [{"role": "user", "content": f"caller {i}"}]}
+        body = {**load_fixture("first-turn.json"),
+                "messages": [{"role": "user", "content": f"caller {i}"}]}
         events, done = read_sse(post_chat(server, body, timeout=30))
         results[i] = streamed_text(events) if done else None
 

@@ -1,4 +1,9 @@
-"""The behaviour every server folder shares, run against each of them under gunicorn."""
+"""The behaviour every server folder shares, run against each of them under gunicorn.
+
+The tests that take the default `server` run twice per folder: in the repository (`basic-repo`), and
+from a copy of the folder alone in its own virtualenv, configured by its `.env` alone (`basic-copy`,
+see `copied_folders` in conftest.py).
+"""
 
 import json
 import re
@@ -7,22 +12,32 @@ import openai
 import pytest
 import requests
 
-from conftest import PROVIDER_KEY, free_port, load_fixture, post_chat, read_sse, streamed_text
+from conftest import (FOLDERS, OPENAI_PARAMS, PROVIDER_KEY, free_port, load_fixture, post_chat,
+                      read_sse, streamed_text)
 
-VAPI_FIXTURES = ["first-turn.json", "metadata-destructured.json", "metadata-off.json", "web-call-first-turn.json",
-                 "after-tool-call.json", "with-vapi-tools.json"]
-OPENAI_PARAMS = {"model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens",
-                 "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice",
-                 "parallel_tool_calls", "response_format", "user", "stream_options"}
+VAPI_FIXTURES = ["first-turn.json", "metadata-destructured.json", "metadata-off.json",
+                 "web-call-first-turn.json", "after-tool-call.json", "with-vapi-tools.json"]
+
+
+@pytest.fixture(params=[(folder, where) for folder in FOLDERS for where in ("repo", "copy")],
+                ids=lambda param: "-".join(param))
+def server(request, start_server):
+    """The folder's server in its default configuration: in the repository, or its copy."""
+    folder, where = request.param
+    if where == "repo":
+        return start_server(folder)
+    return request.getfixturevalue("copied_folders").gunicorn(folder)
 
 
 def sdk_client(server, path=""):
-    return openai.OpenAI(base_url=server.url + path, api_key="vapi-credential", max_retries=0, timeout=15)
+    return openai.OpenAI(base_url=server.url + path, api_key="vapi-credential", max_retries=0,
+                         timeout=15)
 
 
 def split_body(body):
     """Vapi's body as SDK arguments: the OpenAI fields, and everything else as extra_body."""
-    known = {k: body[k] for k in ("model", "messages", "temperature", "max_tokens", "tools") if k in body}
+    known = {k: body[k] for k in ("model", "messages", "temperature", "max_tokens", "tools")
+             if k in body}
     extra = {k: v for k, v in body.items() if k not in known and k != "stream"}
     return known, extra
 
@@ -47,10 +62,12 @@ def test_vapi_bodies_stream_through_the_official_client(server, fake, fixture):
 
     [received] = fake.chat_bodies()
     assert set(received) <= OPENAI_PARAMS, "only OpenAI parameters may reach the provider"
-    for vapi_only in ("call", "phoneNumber", "customer", "metadata", "timestamp", "clinicId", "crmAccountId"):
+    for vapi_only in ("call", "phoneNumber", "customer", "metadata", "timestamp", "clinicId",
+                      "crmAccountId"):
         assert vapi_only not in received
-    if server.folder == "openai-advanced":  # it appends its context to the system prompt and offers its tools
-        assert received["messages"][0]["content"].startswith(body["messages"][0]["content"] + "\n\n")
+    if server.folder == "openai-advanced":  # it adds its context to the prompt and offers its tools
+        system = body["messages"][0]["content"]
+        assert received["messages"][0]["content"].startswith(system + "\n\n")
         received["messages"][0] = body["messages"][0]
         received["tools"] = received["tools"][:len(body.get("tools", []))] or None
     assert received["messages"] == body["messages"], "messages, tool turns included, arrive intact"
@@ -62,9 +79,11 @@ def test_vapi_bodies_stream_through_the_official_client(server, fake, fixture):
 
 def test_per_message_extra_keys_are_dropped_and_tool_turns_kept(server, fake):
     body = load_fixture("after-tool-call.json")
-    body["messages"][2]["metadata"] = {"wordLevelConfidence": [{"word": "tuesday", "confidence": 0.91}]}
+    body["messages"][2]["metadata"] = {
+        "wordLevelConfidence": [{"word": "tuesday", "confidence": 0.91}]}
     body["messages"][3]["content"] = ""
-    body["messages"].append({"role": "user", "content": [{"type": "text", "text": "Morning please."}]})
+    body["messages"].append(
+        {"role": "user", "content": [{"type": "text", "text": "Morning please."}]})
     response = post_chat(server, body)
     events, done = read_sse(response)
     assert response.status_code == 200 and done
@@ -76,7 +95,8 @@ def test_per_message_extra_keys_are_dropped_and_tool_turns_kept(server, fake):
     assert received["messages"][-1]["content"] == [{"type": "text", "text": "Morning please."}]
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions", "/chat/completions/chat/completions",
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions",
+                                  "/chat/completions/chat/completions",
                                   "/v1/chat/completions/chat/completions"])
 def test_every_route_vapi_may_call(server, path):
     response = post_chat(server, load_fixture("first-turn.json"), path=path)
@@ -103,7 +123,8 @@ def test_stream_false_gets_a_chat_completion(server, fake):
     known, extra = split_body(load_fixture("first-turn.json"))
     completion = sdk_client(server).chat.completions.create(**known, extra_body=extra)
     assert completion.object == "chat.completion"
-    assert completion.choices[0].message.content == "You said: Hi, yeah, I'd like to book a cleaning for next week."
+    assert completion.choices[0].message.content == \
+        "You said: Hi, yeah, I'd like to book a cleaning for next week."
     assert fake.chat_bodies()[0].get("stream") in (None, False)
 
 
@@ -115,15 +136,18 @@ def test_model_override(folder, start_server, fake):
 
 
 def test_provider_key_is_sent_to_the_provider_not_the_callers(server, fake):
-    read_sse(post_chat(server, load_fixture("first-turn.json"), headers={"Authorization": "Bearer caller-key"}))
+    read_sse(post_chat(server, load_fixture("first-turn.json"),
+                       headers={"Authorization": "Bearer caller-key"}))
     assert fake.requests[0]["headers"]["authorization"] == f"Bearer {PROVIDER_KEY}"
 
 
 def test_tool_calls_stream_through_with_finish_reason(server, fake):
     fake.script({"tokens": ["Of course, connecting you now."],
-                 "tool_calls": [{"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+                 "tool_calls": [{"name": "transferCall",
+                                 "arguments": '{"destination":"+15555550188"}'}]})
     known, extra = split_body(load_fixture("with-vapi-tools.json"))
-    chunks = list(sdk_client(server).chat.completions.create(**known, stream=True, extra_body=extra))
+    chunks = list(sdk_client(server).chat.completions.create(**known, stream=True,
+                                                             extra_body=extra))
     calls = {}
     for chunk in chunks:
         for call in chunk.choices[0].delta.tool_calls or []:
@@ -137,11 +161,12 @@ def test_tool_calls_stream_through_with_finish_reason(server, fake):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-# --- auth ------------------------------------------------------------------------------------------------------
+# --- auth -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("header, status", [
-    (None, 401), ("Bearer wrong-key", 401), ("Bearer vapi-secret-123", 200), ("bearer vapi-secret-123", 200),
-    ("Basic vapi-secret-123", 401), ("Bearer vapi-secret-123x", 401), ("Bearer vapi-secret", 401), ("Bearer ", 401),
+    (None, 401), ("Bearer wrong-key", 401), ("Bearer vapi-secret-123", 200),
+    ("bearer vapi-secret-123", 200), ("Basic vapi-secret-123", 401),
+    ("Bearer vapi-secret-123x", 401), ("Bearer vapi-secret", 401), ("Bearer ", 401),
 ])
 def test_bearer_auth(folder, start_server, fake, header, status):
     server = start_server(folder, CUSTOM_LLM_API_KEY="vapi-secret-123")
@@ -159,7 +184,7 @@ def test_open_endpoint_warns_once_at_start_up(server):
     assert server.log().count("CUSTOM_LLM_API_KEY is not set") == 1
 
 
-# --- bad input -------------------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 
 def assert_openai_error(response, status):
     assert response.status_code == status
@@ -178,11 +203,13 @@ def assert_openai_error(response, status):
     (json.dumps({"model": "m"}), "application/json", "messages"),
     (json.dumps({"model": "m", "messages": []}), "application/json", "messages"),
     (json.dumps({"model": "m", "messages": "hello"}), "application/json", "messages"),
-    (json.dumps({"model": "m", "messages": [{"content": "hi"}]}), "application/json", "messages[0].role"),
+    (json.dumps({"model": "m", "messages": [{"content": "hi"}]}), "application/json",
+     "messages[0].role"),
     (json.dumps({"model": "m", "messages": ["hi"]}), "application/json", "messages[0].role"),
     (json.dumps({"model": "m", "messages": [{"role": 5}]}), "application/json", "messages[0].role"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "application/json", "model"),
-    (json.dumps({"model": "m", "stream": "yes", "messages": [{"role": "user"}]}), "application/json", "stream"),
+    (json.dumps({"model": "m", "stream": "yes", "messages": [{"role": "user"}]}),
+     "application/json", "stream"),
     (b"\xff\xfe{}", "application/json", None),
     (b"[" * 100000 + b"]" * 100000, "application/json", None),
 ])
@@ -212,7 +239,7 @@ def test_missing_provider_key_starts_and_names_the_variable(folder, start_server
     assert fake.requests == []
 
 
-# --- provider errors before the first byte ----------------------------------------------------------------------
+# --- provider errors before the first byte --------------------------------------------------------
 
 @pytest.mark.parametrize("provider_status, status", [
     (400, 400), (401, 401), (403, 403), (404, 404), (429, 429), (500, 502), (503, 502),
@@ -248,7 +275,7 @@ def test_provider_timeout_gets_504(folder, start_server, fake, plan):
     assert response.elapsed.total_seconds() < 5
 
 
-# --- logging ---------------------------------------------------------------------------------------------------
+# --- logging --------------------------------------------------------------------------------------
 
 def test_one_info_line_per_request_without_secrets(folder, start_server, fake):
     server = start_server(folder, CUSTOM_LLM_API_KEY="vapi-secret-123")
@@ -262,8 +289,8 @@ def test_one_info_line_per_request_without_secrets(folder, start_server, fake):
 
     lines = [line for line in log.splitlines() if " INFO " in line and "call=" in line]
     assert len(lines) == 3, log
-    assert re.search(r"call='5f1c2b7e-9a4d-4c1e-8b3a-2d7e6f0a1c93' model='gpt-4o-mini' stream=True status=200 "
-                     r"ttft_ms=[\d.]+ total_ms=[\d.]+ chunks=\d+", lines[0]), lines[0]
+    assert re.search(r"call='5f1c2b7e-9a4d-4c1e-8b3a-2d7e6f0a1c93' model='gpt-4o-mini' stream=True "
+                     r"status=200 ttft_ms=[\d.]+ total_ms=[\d.]+ chunks=\d+", lines[0]), lines[0]
     assert "status=401" in lines[1] and "status=429" in lines[2]
     secrets = [PROVIDER_KEY, "vapi-secret-123", body["phoneNumber"]["twilioAuthToken"],
                body["phoneNumber"]["twilioAccountSid"], "book a cleaning", "Riley", "+15555550123"]

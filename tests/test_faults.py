@@ -1,23 +1,23 @@
-"""The provider fault matrix: for every server and every way a provider fails, what the caller gets, and that
-the server is healthy afterwards (the next call works, no provider stream or file descriptor is left open).
+"""The provider fault matrix: for every server and every way a provider fails, what the caller gets,
+and that the server is healthy afterwards (the next call works, no provider stream or file
+descriptor is left open).
 
 Before the first byte a fault becomes an HTTP status with an OpenAI-shaped body; after it, one
 `data: {"error": ...}` event and `data: [DONE]`. The README's fault table is this list.
 """
 
 import os
-import time
 
 import pytest
 import requests
 
-from conftest import free_port, load_fixture, post_chat, read_sse, streamed_text
+from conftest import free_port, load_fixture, post_chat, read_sse, streamed_text, wait_for
 
 TOKENS = ["Sure", " thing,", " let", " me", " see", " what", " we", " have."]
 
-# id: (stand-in plan, what a streaming server answers, what basic answers). An answer is ("status", code) for an
-# error before the first byte, ("event", code) for an error event after it, ("ok", text) for a normal stream,
-# or None where the fault cannot happen to that server.
+# id: (stand-in plan, what a streaming server answers, what basic answers). An answer is ("status",
+# code) for an error before the first byte, ("event", code) for an error event after it, ("ok",
+# text) for a normal stream, or None where the fault cannot happen to that server.
 FAULTS = {
     "http-400": ({"status": 400}, ("status", 400), ("status", 400)),
     "http-401": ({"status": 401}, ("status", 401), ("status", 401)),
@@ -28,10 +28,12 @@ FAULTS = {
     "http-503": ({"status": 503}, ("status", 502), ("status", 502)),
     "connection-refused": (None, ("status", 502), ("status", 502)),
     "no-answer-until-timeout": ({"hang": True}, ("status", 504), ("status", 504)),
-    "stall-mid-stream": ({"tokens": TOKENS, "token_delay": 3}, ("event", "provider_timeout"), ("status", 504)),
+    "stall-mid-stream": ({"tokens": TOKENS, "token_delay": 3}, ("event", "provider_timeout"),
+                         ("status", 504)),
     "cut-after-3-chunks": ({"tokens": TOKENS, "cut_after": 3}, ("event", "provider_unavailable"),
                            ("status", 502)),
-    "malformed-chunk": ({"tokens": TOKENS, "malformed_after": 3}, ("event", "bad_chunk"), ("status", 502)),
+    "malformed-chunk": ({"tokens": TOKENS, "malformed_after": 3}, ("event", "bad_chunk"),
+                        ("status", 502)),
     "in-band-error-event": ({"tokens": TOKENS, "error_event_after": 3}, ("event", None), None),
     "empty-answer": ({"tokens": []}, ("ok", ""), ("ok", "")),
     "only-done": ({"only_done": True}, ("ok", ""), None),
@@ -41,13 +43,6 @@ FAULTS = {
 
 def open_fds(server):
     return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in server.pids()[1:])
-
-
-def wait_for(condition, seconds):
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
@@ -60,7 +55,8 @@ def test_provider_fault(folder, start_server, fake, fault):
     if plan is None:
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{free_port()}/v1"
     server = start_server(folder, **env)
-    read_sse(post_chat(server, load_fixture("first-turn.json")))  # warm: pooled connections exist already
+    # warm: pooled connections exist already
+    read_sse(post_chat(server, load_fixture("first-turn.json")))
     fds_before = open_fds(server)
 
     for _ in range(3):  # three times, so that a leak per fault would show
@@ -85,7 +81,8 @@ def test_provider_fault(folder, start_server, fake, fault):
                 assert errors == [] and streamed_text(events) == value
 
     assert wait_for(lambda: not fake.open_streams(), 5), "no provider stream may be left open"
-    if plan is None:  # this server's provider cannot be reached: the worker is still up and answering
+    # this server's provider cannot be reached: the worker is still up and answering
+    if plan is None:
         assert requests.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
     else:
         events, done = read_sse(post_chat(server, load_fixture("first-turn.json")))

@@ -1,4 +1,5 @@
-"""Secrets and access: the bearer check in every variant, logs that never leak, debug mode only when asked."""
+"""Secrets and access: the bearer check in every variant, logs that never leak, and debug mode
+only when asked."""
 
 import json
 import re
@@ -26,9 +27,9 @@ BEARER_KEY = "vapi-Secret-Key-4242"
     ({"Authorization": f"Bearer {BEARER_KEY}"}, 200),
     ({"Authorization": f"bearer {BEARER_KEY}"}, 200),
     ({"Authorization": f"BEARER {BEARER_KEY}"}, 200),
-], ids=["missing", "empty", "scheme-only", "empty-token", "basic-scheme", "token-scheme", "no-scheme", "suffix",
-        "prefix", "wrong-case-key", "x-vapi-secret-header", "x-api-key-header", "right", "lower-case-scheme",
-        "upper-case-scheme"])
+], ids=["missing", "empty", "scheme-only", "empty-token", "basic-scheme", "token-scheme",
+        "no-scheme", "suffix", "prefix", "wrong-case-key", "x-vapi-secret-header",
+        "x-api-key-header", "right", "lower-case-scheme", "upper-case-scheme"])
 def test_bearer_variants(folder, start_server, fake, headers, status):
     server = start_server(folder, CUSTOM_LLM_API_KEY=BEARER_KEY)
     response = post_chat(server, load_fixture("first-turn.json"), headers=headers)
@@ -42,15 +43,17 @@ def test_bearer_variants(folder, start_server, fake, headers, status):
 
 
 def exercise_every_path(server, fake):
-    """Successful stream and JSON, bad input, bad token, provider error and timeout, a tool round."""
+    """Every path a request can take: a stream and JSON, bad input, a bad token, a provider
+    error and a cut stream, a tool round."""
     body = load_fixture("metadata-destructured.json")
     auth = {"Authorization": f"Bearer {BEARER_KEY}"}
     read_sse(post_chat(server, body, headers=auth))
     post_chat(server, {**body, "stream": False}, headers=auth).content
     post_chat(server, {**body, "messages": []}, headers=auth).content
     post_chat(server, body, headers={"Authorization": "Bearer wrong-" + BEARER_KEY}).content
-    fake.script({"status": 429, "error": {"error": {"message": f"Rate limit for key {PROVIDER_KEY}",
-                                                      "type": "requests", "param": None, "code": "rate_limit"}}})
+    fake.script({"status": 429, "error": {"error": {
+        "message": f"Rate limit for key {PROVIDER_KEY}", "type": "requests", "param": None,
+        "code": "rate_limit"}}})
     post_chat(server, body, headers=auth).content
     fake.script({"tokens": ["partial"], "cut_after": 1})
     read_sse(post_chat(server, body, headers=auth))
@@ -68,7 +71,8 @@ def test_logs_never_leak(folder, start_server, fake, level):
     assert "status=200" in log and "status=429" in log
     secrets = [PROVIDER_KEY, BEARER_KEY, body["phoneNumber"]["twilioAuthToken"],
                body["phoneNumber"]["twilioAccountSid"]]
-    conversation = [message["content"] for message in body["messages"]] + ["book a cleaning", "Jordan Avery"]
+    conversation = [message["content"] for message in body["messages"]]
+    conversation += ["book a cleaning", "Jordan Avery"]
     for line in log.splitlines():
         for secret in secrets:
             assert secret not in line, f"a secret in the log: {line[:200]}"
@@ -76,13 +80,14 @@ def test_logs_never_leak(folder, start_server, fake, level):
             for text in conversation:
                 assert text not in line, f"conversation text at INFO or above: {line[:200]}"
     if level == "DEBUG" and folder != "basic":
-        assert any(re.search(r"\bDEBUG\b", line) for line in log.splitlines()), "DEBUG really was on"
+        assert any(re.search(r"\bDEBUG\b", line) for line in log.splitlines()), \
+            "DEBUG really was on"
 
 
 def test_error_bodies_never_echo_the_provider_key(server, fake):
-    fake.script({"status": 401, "error": {"error": {"message": f"Incorrect API key provided: {PROVIDER_KEY}",
-                                                      "type": "invalid_request_error", "param": None,
-                                                      "code": "invalid_api_key"}}})
+    fake.script({"status": 401, "error": {"error": {
+        "message": f"Incorrect API key provided: {PROVIDER_KEY}", "type": "invalid_request_error",
+        "param": None, "code": "invalid_api_key"}}})
     response = post_chat(server, load_fixture("first-turn.json"))
     assert response.status_code == 401
     assert PROVIDER_KEY not in response.text and "[redacted]" in response.json()["error"]["message"]

@@ -1,27 +1,18 @@
-"""What the streaming servers (openai-sse, openai-advanced) add: a live relay that stops when the caller goes."""
+"""What the streaming servers (openai-sse, openai-advanced) add: a live relay that stops when
+the caller goes."""
 
-import json
-import socket
 import time
 
 import openai
 import pytest
 
-from conftest import STREAMING_FOLDERS, load_fixture, post_chat, read_sse, run_at_once, streamed_text
+from conftest import (STREAMING_FOLDERS, load_fixture, open_raw_stream, post_chat, read_sse,
+                      run_at_once, streamed_text, wait_for)
 
 
 @pytest.fixture(params=STREAMING_FOLDERS)
 def folder(request):
     return request.param
-
-
-def open_raw_stream(server, body):
-    """Send a chat request over a plain socket, so the test decides exactly when the caller hangs up."""
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
-    return sock
 
 
 def read_until(sock, marker, count=1):
@@ -35,27 +26,20 @@ def read_until(sock, marker, count=1):
     return received
 
 
-def wait_for(condition, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 def test_first_chunk_arrives_before_the_provider_finishes(server, fake):
     fake.script({"tokens": ["One", " two", " three", " four", " five", " six"], "token_delay": 0.3})
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
     started = time.monotonic()
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "count"}], stream=True)
+    stream = client.chat.completions.create(model="m", stream=True,
+                                            messages=[{"role": "user", "content": "count"}])
     first_text_at = None
     for chunk in stream:
         if first_text_at is None and chunk.choices and chunk.choices[0].delta.content:
             first_text_at = time.monotonic()
     [provider_stream] = fake.streams
     assert provider_stream.finished
-    assert first_text_at < provider_stream.closed_at - 1.0, "the first words must not wait for the last"
+    assert first_text_at < provider_stream.closed_at - 1.0, \
+        "the first words must not wait for the last"
     assert first_text_at - started < 1.0
 
 
@@ -72,7 +56,8 @@ def test_hang_up_mid_stream_closes_the_provider_stream(server, fake):
     assert provider_stream.chunks_sent < 50
 
 
-@pytest.mark.parametrize("plan", [{"ttft": 5}, {"headers_delay": 5}], ids=["model-thinking", "no-headers-yet"])
+@pytest.mark.parametrize("plan", [{"ttft": 5}, {"headers_delay": 5}],
+                         ids=["model-thinking", "no-headers-yet"])
 def test_hang_up_before_the_first_token_closes_the_provider_request(server, fake, plan):
     fake.script(plan)
     sock = open_raw_stream(server, load_fixture("first-turn.json"))
@@ -80,7 +65,8 @@ def test_hang_up_before_the_first_token_closes_the_provider_request(server, fake
     time.sleep(0.3)
     hung_up_at = time.monotonic()
     sock.close()
-    assert wait_for(lambda: not fake.streams[0].open, 2.0), "the provider request must not wait for the model"
+    assert wait_for(lambda: not fake.streams[0].open, 2.0), \
+        "the provider request must not wait for the model"
     assert fake.streams[0].client_closed
     assert fake.streams[0].closed_at - hung_up_at < 2.0
     assert fake.streams[0].chunks_sent == 0
@@ -105,7 +91,8 @@ def test_fifty_concurrent_calls_complete_without_mixing(folder, start_server, fa
 
     def call(i):
         text = f"caller {i} wants slot {i * 7}"
-        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}], stream=True)
+        stream = client.chat.completions.create(model="m", stream=True,
+                                                messages=[{"role": "user", "content": text}])
         results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     errors = run_at_once(call, range(50))
@@ -115,7 +102,7 @@ def test_fifty_concurrent_calls_complete_without_mixing(folder, start_server, fa
         "all 50 provider streams were open at the same time"
 
 
-# --- failures after the first byte: one error event, then [DONE] ----------------------------------------------
+# --- failures after the first byte: one error event, then [DONE] ----------------------------------
 
 @pytest.mark.parametrize("plan, code", [
     ({"cut_after": 3}, "provider_unavailable"),
@@ -123,7 +110,8 @@ def test_fifty_concurrent_calls_complete_without_mixing(folder, start_server, fa
     ({"malformed_after": 3}, "bad_chunk"),
     ({"tokens": ["a", " b", " c", " d"], "token_delay": 3}, "provider_timeout"),
 ], ids=["connection-cut", "in-band-error", "malformed-chunk", "stall"])
-def test_failure_mid_stream_becomes_one_error_event_then_done(folder, start_server, fake, plan, code):
+def test_failure_mid_stream_becomes_one_error_event_then_done(folder, start_server, fake, plan,
+                                                              code):
     server = start_server(folder, OPENAI_TIMEOUT_SECONDS="1")
     fake.script(plan)
     response = post_chat(server, load_fixture("first-turn.json"))
@@ -150,16 +138,7 @@ def test_provider_chunks_are_relayed_as_sent(server, fake):
     response = post_chat(server, load_fixture("first-turn.json"))
     raw = response.content.decode()
     assert raw.endswith("data: [DONE]\n\n")
-    events, _ = read_sse(iter_response(raw))
+    events, _ = read_sse(raw)
     assert streamed_text(events) == 'Line one\nline two "quoted" ünïcødé'
     assert all(line.startswith("data: ") for line in raw.split("\n\n") if line)
 
-
-class iter_response:
-    """Lets read_sse read text that was already received."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def iter_lines(self, decode_unicode=True):
-        return iter(self.text.split("\n"))
