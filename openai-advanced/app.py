@@ -9,7 +9,6 @@ timed in the log line."""
 import dataclasses
 import os
 import sqlite3
-import string
 import time
 import zoneinfo
 from pathlib import Path
@@ -23,7 +22,7 @@ from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
                       read_chat_request, run_with_gunicorn, sse, warm_up)
 from knowledge import Knowledge
 from memory import Memory
-from prompt import caller_number, render_context, rewrite_utterance, text_of
+from prompt import Prompt, caller_number, printable, rewrite_utterance, text_of
 from provider_stream import CallerHungUp, ProviderStream
 from tools import build_tools, server_tools_for, sort_tool_calls, tool_round_messages, with_tools
 
@@ -31,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 
 # Configuration: what this folder adds (see README.md; contract.py reads the settings every folder
 # has)
-CLINIC_TIMEZONE = os.getenv("CLINIC_TIMEZONE", "America/New_York")
-CLINIC_TZ = zoneinfo.ZoneInfo(CLINIC_TIMEZONE)  # a wrong name fails here, at start-up
+BUSINESS_TIMEZONE = os.getenv("BUSINESS_TIMEZONE", "America/New_York")
+BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, at start-up
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
@@ -43,7 +42,7 @@ MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
 REWRITE_ENABLED = os.getenv("REWRITE_ENABLED", "") == "1"
 REWRITE_MODEL = os.getenv("REWRITE_MODEL", "")  # empty: the turn's own model
 REWRITE_BUDGET_MS = int(os.getenv("REWRITE_BUDGET_MS", "800"))
-# empty: clinic_open_slots is not offered
+# empty: open_slots is not offered
 AVAILABILITY_API_URL = os.getenv("AVAILABILITY_API_URL", "")
 AVAILABILITY_TIMEOUT_SECONDS = float(os.getenv("AVAILABILITY_TIMEOUT_SECONDS", "3"))
 MAX_TOOL_ROUNDS = int(os.getenv("MAX_TOOL_ROUNDS", "3"))
@@ -57,10 +56,10 @@ client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE
 warm_up(client)
 # X-Accel: tell nginx not to buffer
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-PROMPT_TEMPLATE = string.Template((HERE / "prompt.md").read_text(encoding="utf-8"))
+prompt = Prompt(HERE / "prompt.md")
 knowledge = Knowledge(KNOWLEDGE_DIR)
 memory = Memory(MEMORY_DB_PATH, MEMORY_RETENTION_DAYS) if MEMORY_ENABLED else None
-SERVER_TOOLS = build_tools(CLINIC_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
+SERVER_TOOLS = build_tools(BUSINESS_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
 
 app = Flask(__name__)
 init_app(app)
@@ -75,10 +74,28 @@ class Answer:
     caller: str | None  # the caller's phone number, for memory
     # the caller's own words, to remember the turn by (None: not a caller's turn)
     user_text: str | None
-    spoken: list = dataclasses.field(default_factory=list)  # the text the caller heard
+    spoken: list = dataclasses.field(default_factory=list)  # the model's words the caller heard
+    vapi_tools: list = dataclasses.field(default_factory=list)  # Vapi's tools the answer ended with
     rounds: int = 0  # server-side tool rounds so far
     filler_sent: bool = False
+    last_heard: str = ""
+    completion_id: str | None = None  # the first round's: every chunk of the response carries it
     completion: object = None  # stream: false — the last round's chat.completion
+
+    def say(self, text, separate):
+        """Text for the caller; with a space in front when it must be `separate` from what they
+        heard last (the filler, the first words of a round), so that a voice reads "that. We", not
+        "that.We"."""
+        if separate and self.last_heard[-1:].strip() and not text[:1].isspace():
+            text = " " + text
+        self.last_heard = text
+        return text
+
+    def remembered(self):
+        """What to store as the assistant's side of the turn: its words, and Vapi's tools it called.
+        """
+        tools = f"[called {', '.join(self.vapi_tools)}]" if self.vapi_tools else ""
+        return " ".join(part for part in ("".join(self.spoken).strip(), tools) if part)
 
 
 @app.post("/chat/completions")
@@ -154,40 +171,54 @@ def tool_loop(turn, answer, ask):
 
 def relay_round(request, offered, turn, answer):
     """Relay one round of the model's stream. Text and Vapi's tool calls go to the caller as they
-    arrive; calls to server-side tools are held back, and the caller hears TOOL_FILLER while they
-    wait. If one answer calls both kinds, Vapi's tools win: the server-side calls are dropped.
-    Returns the held calls when the round ended with them alone and they were offered."""
-    calls, vapi_index, held_finish = {}, {}, None
+    arrive; calls to server-side tools are held back. If one answer calls both kinds, Vapi's tools
+    win: the server-side calls are dropped. Returns the held calls when the round ended with them
+    alone and they were offered — and only then, certain that the tools will run, the caller hears
+    TOOL_FILLER."""
+    calls, vapi_index, held_finish, first_words = {}, {}, None, True
     with ProviderStream(client, request, answer.caller_socket) as provider:
         for raw, chunk in provider:
             choice = chunk["choices"][0] if chunk["choices"] else {}
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                answer.spoken.append(delta["content"])
+            delta = sent = choice.get("delta") or {}
+            answer.completion_id = answer.completion_id or chunk.get("id")
             if delta.get("tool_calls"):
                 to_vapi = sort_tool_calls(delta["tool_calls"], calls, vapi_index,
                                           answer.server_tools, answer.rounds)
-                if len(vapi_index) < len(calls) and not answer.filler_sent:  # no dead air meanwhile
-                    filler = TOOL_FILLER + (" <flush />" if FLUSH_AFTER_FILLER else "")
-                    answer.filler_sent = True
-                    yield event(turn, {**chunk, "choices": [
-                        {"index": 0, "delta": {"content": filler}, "finish_reason": None}]})
-                if to_vapi or delta.get("content"):
-                    passed = ({**delta, "tool_calls": to_vapi} if to_vapi
-                              else {"content": delta["content"]})
-                    yield event(turn, {**chunk, "choices": [{**choice, "delta": passed}]})
+                sent = {**delta, "tool_calls": to_vapi} if to_vapi else without(delta, "tool_calls")
             elif choice.get("finish_reason") == "tool_calls" and len(vapi_index) < len(calls):
                 held_finish = chunk  # the round ends in server-side calls: not the end for Vapi
-            else:
+                continue
+            if answer.rounds:  # a later round goes on with the first: no second role chunk
+                sent = without(sent, "role")
+            if isinstance(sent.get("content"), str) and sent["content"]:
+                words = answer.say(sent["content"], separate=first_words)
+                answer.spoken.append(words)
+                sent, first_words = {**sent, "content": words}, False
+            if sent == delta and not answer.rounds:  # untouched: the provider's own bytes
                 turn.relayed(chunk)
-                yield b"data: " + raw.encode() + b"\n\n"  # the provider's own bytes
+                yield b"data: " + raw.encode() + b"\n\n"
+            elif any(sent.get(key) for key in ("content", "tool_calls", "role")) \
+                    or choice.get("finish_reason"):  # one completion id for the whole response
+                yield event(turn, {**chunk, "id": answer.completion_id,
+                                   "choices": [{**choice, "delta": sent}]})
     server_calls = [call for call in calls.values() if call["name"] in answer.server_tools]
     if server_calls and not vapi_index and offered:
+        if not answer.filler_sent:
+            answer.filler_sent = True
+            filler = answer.say(TOOL_FILLER + (" <flush />" if FLUSH_AFTER_FILLER else ""), True)
+            yield event(turn, {**(held_finish or chunk), "id": answer.completion_id, "choices": [
+                {"index": 0, "delta": {"content": filler}, "finish_reason": None}]})
         return server_calls
+    answer.vapi_tools = [call["name"] for call in calls.values()
+                         if call["name"] not in answer.server_tools]
     if held_finish:  # the server-side calls were dropped: end the turn here
-        yield event(turn, {**held_finish, "choices": [
+        yield event(turn, {**held_finish, "id": answer.completion_id, "choices": [
             {"index": 0, "delta": {}, "finish_reason": "tool_calls" if vapi_index else "stop"}]})
     return None
+
+
+def without(delta, key):
+    return {name: value for name, value in delta.items() if name != key}
 
 
 def event(turn, chunk):
@@ -209,6 +240,7 @@ def fetch_round(request, offered, turn, answer):
              for call in (message.tool_calls or [])] if message else []
     if calls and offered and all(call["name"] in offered for call in calls):
         return calls
+    answer.vapi_tools = [call["name"] for call in calls if call["name"] not in answer.server_tools]
     return None
     yield  # never reached: it makes this a generator, like relay_round, for tool_loop to drive
 
@@ -224,8 +256,8 @@ def shape_request(turn):
 
     started = time.perf_counter()
     if REWRITE_ENABLED and user_text:
-        rewritten = rewrite_utterance(client, REWRITE_MODEL or turn.upstream["model"], messages,
-                                      REWRITE_BUDGET_MS / 1000)
+        rewritten = rewrite_utterance(client, prompt, REWRITE_MODEL or turn.upstream["model"],
+                                      messages, REWRITE_BUDGET_MS / 1000)
         if rewritten:
             messages[-1] = {**messages[-1], "content": rewritten}
             question = rewritten
@@ -239,15 +271,14 @@ def shape_request(turn):
     caller, earlier = caller_number(turn.body), []
     if memory and caller:
         try:
-            earlier = memory.recall(caller, turn.call_id, MEMORY_MAX_TURNS)
+            earlier = memory.recall(caller, call_id(turn), MEMORY_MAX_TURNS)
         except sqlite3.Error as exc:  # a broken memory file must not break the call
             log.error("memory read failed: %s", exc)
     turn.steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
     turn.steps["rounds"] = 0
 
-    # The assistant's own system prompt from Vapi comes first; the server's context is appended to
-    # it.
-    context = render_context(PROMPT_TEMPLATE, CLINIC_TZ, caller, earlier, passages)
+    # The assistant's own system prompt from Vapi comes first; the server's context is appended.
+    context = prompt.render(BUSINESS_TZ, caller, earlier, passages)
     if messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):
         messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + context}
     else:
@@ -256,15 +287,21 @@ def shape_request(turn):
                   request.environ.get("gunicorn.socket"), caller, user_text)
 
 
+def call_id(turn):
+    """Vapi's call id, as memory stores it ("-" for one that is not printable text)."""
+    return turn.call_id if printable(turn.call_id) else "-"
+
+
 def remember(turn, answer):
     """Store a completed turn on a real thread: a SQLite write that waits for the disk would stall
     every call this gevent worker serves. A failed write is logged; it never reaches the caller."""
-    if not (memory and answer.caller and answer.user_text):
-        return
+    assistant_text = answer.remembered()
+    if not (memory and answer.caller and answer.user_text and assistant_text):
+        return  # an empty answer is not worth remembering
 
     def write():
         try:
-            memory.remember(turn.call_id, answer.caller, answer.user_text, "".join(answer.spoken))
+            memory.remember(call_id(turn), answer.caller, answer.user_text, assistant_text)
         except sqlite3.Error as exc:
             log.error("memory write failed: %s", exc)
 

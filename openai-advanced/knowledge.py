@@ -8,14 +8,16 @@ ships with Python."""
 import re
 import sqlite3
 import time
+import unicodedata
 from pathlib import Path
 
 # a passage is one section of a document, split further if it is longer than this
 MAX_PASSAGE_CHARS = 700
 # Words that match almost every passage and would only add noise to a caller's question.
-STOPWORDS = set("""a about an and are as at be can could do does for from have how i i'd i'm if in is it its
-just me my of on or our please so than that the their them then there these they this to too us was we what
-when where which who why will with would you your yeah hi hello okay ok um uh like want need know""".split())
+STOPWORDS = set("""a about an and are as at be can could do does for from have how i i'd i'm if
+in is it its just me my of on or our please so than that the their them then there these they this
+to too us was we what when where which who why will with would you your yeah hi hello okay ok um uh
+like want need know""".split())
 
 
 def split_passages(text, source):
@@ -32,7 +34,8 @@ def split_passages(text, source):
         label = title if heading in ("", title) else f"{title}: {heading}"
         body = " ".join(body.split())
         while body:  # cut long sections after a sentence, MAX_PASSAGE_CHARS at most
-            cut = len(body) if len(body) <= MAX_PASSAGE_CHARS else body.rfind(". ", 0, MAX_PASSAGE_CHARS) + 1
+            cut = len(body) if len(body) <= MAX_PASSAGE_CHARS else \
+                body.rfind(". ", 0, MAX_PASSAGE_CHARS) + 1
             cut = cut or MAX_PASSAGE_CHARS
             passages.append((source, label, body[:cut].strip()))
             body = body[cut:].strip()
@@ -46,14 +49,16 @@ class Knowledge:
         self.folder = Path(folder)
         self.check_every_seconds = check_every_seconds
         self.db = sqlite3.connect(":memory:", check_same_thread=False)
-        self.db.execute("CREATE VIRTUAL TABLE passages USING fts5(source, heading, body, tokenize='porter unicode61')")
+        self.db.execute("CREATE VIRTUAL TABLE passages USING fts5(source, heading, body, "
+                        "tokenize='porter unicode61')")
         self.signature = None
         self.checked_at = 0.0
         self.refresh()
 
     def files_signature(self):
         """What changes when a document is added, removed or edited."""
-        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(self.folder.glob("*.md")))
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                     for p in sorted(self.folder.glob("*.md")))
 
     def refresh(self):
         """Rebuild the index if the documents changed since the last look (looks at most once a
@@ -79,13 +84,16 @@ class Knowledge:
         """The passages that best match the question (BM25), most relevant first, at most max_chars
         in all."""
         self.refresh()
-        words = {w for w in re.findall(r"[a-z0-9]+", question.lower()) if w not in STOPWORDS and len(w) > 1}
+        # Words in any script (NFC: an accent typed as a separate mark stays part of its letter).
+        words = {w for w in re.findall(r"\w+", unicodedata.normalize("NFC", question).lower())
+                 if w not in STOPWORDS and len(w) > 1}
         if not words:
             return []
         # quoted: no FTS5 syntax from callers
         query = " OR ".join(f'"{word}"' for word in sorted(words))
         rows = self.db.execute(
-            "SELECT heading, body FROM passages WHERE passages MATCH ? ORDER BY bm25(passages, 0, 2, 1) LIMIT ?",
+            "SELECT heading, body FROM passages WHERE passages MATCH ? "
+            "ORDER BY bm25(passages, 0, 2, 1) LIMIT ?",
             (query, limit)).fetchall()
         found, used = [], 0
         for heading, body in rows:

@@ -1,18 +1,46 @@
-"""Prompt shaping: the text of a turn, the caller's number, the optional rewrite, and prompt.md
-filled in."""
+"""Prompt shaping: prompt.md filled in for a turn, the caller's number, the text of a message, and
+the optional rewrite of the caller's last words. Every word the model reads from here is in
+prompt.md."""
 
 import datetime
 import logging
+import re
+import string
 
 import gevent
 import openai
 
-log = logging.getLogger("openai-advanced")
+log = logging.getLogger("custom-llm")
+SECTION = re.compile(r"^<!-- \$(\w+).*?-->\n", re.MULTILINE | re.DOTALL)
 
-REWRITE_INSTRUCTIONS = (
-    "You clean up phone-call transcripts. Rewrite the caller's last utterance as one clear, self-contained "
-    "sentence in the caller's own voice: fix speech-to-text errors and spell out what 'it' or 'that' refers to. "
-    "Reply with the rewritten sentence only.")
+
+class Prompt:
+    """prompt.md: the template appended to the system prompt (its text up to the first `<!--`), and
+    the sections that fill its placeholders (each after a `<!-- $name -->` line)."""
+
+    def __init__(self, path):
+        text = path.read_text(encoding="utf-8")
+        parts = SECTION.split(text[text.index("<!-- $"):])
+        self.template = string.Template(text[:text.index("<!--")].rstrip() + "\n")
+        self.sections = {name: string.Template(body.strip())
+                         for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+    def section(self, name, **values):
+        return self.sections[name].safe_substitute(values)
+
+    def render(self, timezone, caller, earlier, passages):
+        """The template filled in for this turn; a section with nothing to say is left empty."""
+        turns = "\n".join(
+            self.section("earlier_call", said=said[:200], answered=answered[:200],
+                         date=f"{datetime.datetime.fromtimestamp(at, timezone):%b %d}")
+            for at, said, answered in earlier)
+        return self.template.safe_substitute(
+            now=datetime.datetime.now(timezone).strftime("%A %B %d %Y, %I:%M %p"),
+            timezone=timezone.key,
+            caller=self.section("caller", number=caller) if caller else "",
+            earlier_calls=self.section("earlier_calls", turns=turns) if earlier else "",
+            knowledge=self.section("knowledge", passages="\n".join(
+                self.section("passage", passage=p) for p in passages)) if passages else "")
 
 
 def text_of(content):
@@ -20,46 +48,43 @@ def text_of(content):
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return " ".join(p["text"] for p in content
+                        if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
 def caller_number(body):
-    """The caller's phone number from `call.customer.number` or `customer.number`; None for web
-    calls."""
+    """The caller's phone number from `call.customer.number` or `customer.number`: None for web
+    calls, and for anything that is not a short line of printable text (memory keys on it)."""
     call = body.get("call") if isinstance(body.get("call"), dict) else {}
     for customer in (call.get("customer"), body.get("customer")):
-        if isinstance(customer, dict) and isinstance(customer.get("number"), str) and customer["number"]:
-            return customer["number"][:32]
+        number = customer.get("number") if isinstance(customer, dict) else None
+        if isinstance(number, str) and 0 < len(number) <= 64 and printable(number):
+            return number
     return None
 
 
-def rewrite_utterance(client, model, messages, budget_seconds):
-    """Ask a model to rewrite the caller's last utterance within the budget; None on timeout or
-    error."""
+def printable(text):
+    """Printable text that can be stored (UTF-8: no lone surrogates such as '\\ud800')."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return text.isprintable()
+
+
+def rewrite_utterance(client, prompt, model, messages, budget_seconds):
+    """Ask a model to rewrite the caller's last words within the budget; None on timeout or error.
+    """
     transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:
-        # a hard limit on the whole call, connection and retries included
-        with gevent.Timeout(budget_seconds):
-            completion = client.with_options(timeout=budget_seconds, max_retries=0).chat.completions.create(
-                model=model, max_tokens=120, temperature=0,
-                messages=[{"role": "system", "content": REWRITE_INSTRUCTIONS},
-                          {"role": "user", "content": transcript}])
+        with gevent.Timeout(budget_seconds):  # a hard limit on the whole call, retries included
+            completion = client.with_options(timeout=budget_seconds, max_retries=0) \
+                .chat.completions.create(model=model, max_tokens=120, temperature=0, messages=[
+                    {"role": "system", "content": prompt.section("rewrite")},
+                    {"role": "user", "content": transcript}])
         return (completion.choices[0].message.content or "").strip() or None
     except (gevent.Timeout, openai.OpenAIError, ValueError, IndexError) as exc:
         log.info("rewrite skipped: %s", type(exc).__name__)
         return None
-
-
-def render_context(template, timezone, caller, earlier, passages):
-    """The template (prompt.md) filled in for this turn; a section with nothing to say is left
-    empty."""
-    return template.safe_substitute(
-        now=datetime.datetime.now(timezone).strftime("%A %B %d %Y, %I:%M %p"), timezone=timezone.key,
-        caller=f"The caller's phone number is {caller}." if caller else "",
-        earlier_calls="Earlier calls from this number (most recent first):\n" + "".join(
-            f"- {datetime.datetime.fromtimestamp(at, timezone):%b %d}: caller said \"{said[:200]}\"; "
-            f"you answered \"{answered[:200]}\"\n" for at, said, answered in earlier) if earlier else "",
-        knowledge="Clinic information for this question:\n" + "".join(f"- {p}\n" for p in passages)
-        if passages else "")

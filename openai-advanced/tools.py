@@ -1,10 +1,10 @@
-"""Server-side tools: functions the model may call that this server runs itself, between two model
-rounds.
+"""Server-side tools: functions the model may call that this server runs itself, between two rounds.
 
 Each tool is an OpenAI function definition plus a Python function that takes the parsed arguments
 and returns a JSON-serialisable result. A failure is returned as {"error": "..."} so that the model
 can tell the caller about it; a tool never raises into the stream. Add a tool: write the function,
-add it to `build_tools`."""
+add it to `build_tools`.
+"""
 
 import datetime
 import json
@@ -15,45 +15,46 @@ import requests
 from contract import ProviderFailed
 
 
-def clinic_local_time(timezone):
-    """The date and time at the clinic (local, no network)."""
+def local_time(timezone):
+    """The date and time where the business is (no network)."""
     now = datetime.datetime.now(zoneinfo.ZoneInfo(timezone))
     return {"now": now.strftime("%A %B %d %Y, %I:%M %p"), "timezone": timezone}
 
 
-def clinic_open_slots(api_url, timeout_seconds, date):
+def open_slots(api_url, timeout_seconds, date):
     """Ask the scheduling API which appointment slots are free on a date."""
     try:
-        response = requests.get(f"{api_url.rstrip('/')}/slots", params={"date": date}, timeout=timeout_seconds)
+        response = requests.get(f"{api_url.rstrip('/')}/slots", params={"date": date},
+                                timeout=timeout_seconds)
         response.raise_for_status()
         return {"date": date, "open_slots": response.json().get("open_slots", [])}
     except requests.Timeout:
-        return {"error": "The scheduling system did not answer in time. Offer to have the front desk call back."}
+        return {"error": "The scheduling system did not answer in time. "
+                         "Offer to have the front desk call back."}
     except (requests.RequestException, ValueError, AttributeError):
-        return {"error": "The scheduling system is not available right now. Offer to have the front desk call back."}
+        return {"error": "The scheduling system is not available right now. "
+                         "Offer to have the front desk call back."}
+
+
+def function_tool(name, description, properties=None):
+    """An OpenAI function tool definition whose arguments are all required strings."""
+    properties = properties or {}
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": properties, "required": list(properties)}}}
 
 
 def build_tools(timezone, availability_api_url, availability_timeout_seconds):
-    """The server-side tools for this configuration: {name: (OpenAI tool definition,
-    function(arguments))}."""
-    tools = {
-        "clinic_local_time": (
-            {"type": "function", "function": {
-                "name": "clinic_local_time",
-                "description": "Get the current date and time at the clinic.",
-                "parameters": {"type": "object", "properties": {}, "required": []}}},
-            lambda arguments: clinic_local_time(timezone)),
-    }
+    """The server-side tools for this configuration: {name: (definition, function(arguments))}."""
+    tools = {"local_time": (
+        function_tool("local_time", "Get the current date and time at the business."),
+        lambda arguments: local_time(timezone))}
     if availability_api_url:  # offered only when there is an API to ask
-        tools["clinic_open_slots"] = (
-            {"type": "function", "function": {
-                "name": "clinic_open_slots",
-                "description": "Look up free appointment slots at the clinic on a given date.",
-                "parameters": {"type": "object", "properties": {
-                    "date": {"type": "string", "description": "ISO date, e.g. 2026-01-06"}},
-                    "required": ["date"]}}},
-            lambda arguments: clinic_open_slots(availability_api_url, availability_timeout_seconds,
-                                                str(arguments.get("date", ""))))
+        tools["open_slots"] = (
+            function_tool("open_slots", "Look up free appointment slots on a given date.",
+                     {"date": {"type": "string", "description": "ISO date, e.g. 2026-01-06"}}),
+            lambda arguments: open_slots(availability_api_url, availability_timeout_seconds,
+                                         str(arguments.get("date", ""))))
     return tools
 
 
@@ -72,8 +73,7 @@ def run_tool(tools, name, arguments_json):
 
 
 def server_tools_for(upstream, server_tools):
-    """The server-side tools a request may use: ours, minus any name the request's own tools already
-    use."""
+    """The server-side tools a request may use: ours, minus any name the request's own tools use."""
     request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
     taken = {t["function"].get("name") for t in request_tools
              if isinstance(t, dict) and isinstance(t.get("function"), dict)}
@@ -85,16 +85,19 @@ def with_tools(upstream, server_tools):
     if not server_tools:
         return upstream
     request_tools = upstream.get("tools") if isinstance(upstream.get("tools"), list) else []
-    return {**upstream, "tools": request_tools + [definition for definition, _ in server_tools.values()]}
+    return {**upstream,
+            "tools": request_tools + [definition for definition, _ in server_tools.values()]}
 
 
 def tool_round_messages(server_calls, server_tools):
-    """Run the server-side calls; the assistant `tool_calls` message and one `role: "tool"` message
-    per call."""
+    """Run the server-side calls; the assistant `tool_calls` message and a `role: "tool"` message
+    each."""
     return [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+        {"id": call["id"], "type": "function",
+         "function": {"name": call["name"], "arguments": call["arguments"]}}
         for call in server_calls]}] + [
-        {"role": "tool", "tool_call_id": call["id"], "content": run_tool(server_tools, call["name"], call["arguments"])}
+        {"role": "tool", "tool_call_id": call["id"],
+         "content": run_tool(server_tools, call["name"], call["arguments"])}
         for call in server_calls]
 
 
@@ -105,8 +108,8 @@ def sort_tool_calls(fragments, calls, vapi_index, server_tools, round_number):
     if not isinstance(fragments, list) or not all(
             isinstance(f, dict) and isinstance(f.get("index", 0), int)
             and isinstance(f.get("function") or {}, dict) for f in fragments):
-        raise ProviderFailed(502, "The model provider sent a malformed tool call.", "provider_error",
-                             code="bad_chunk")
+        raise ProviderFailed(502, "The model provider sent a malformed tool call.",
+                             "provider_error", code="bad_chunk")
     to_vapi = []
     for fragment in fragments:
         function, index = fragment.get("function") or {}, fragment.get("index", 0)

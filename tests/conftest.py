@@ -432,7 +432,7 @@ def post_chat(server, body, path="/chat/completions", stream=None, **kwargs):
 
 
 class FakeSchedulingAPI:
-    """A stand-in for the appointment API that openai-advanced's clinic_open_slots tool calls.
+    """A stand-in for the appointment API that openai-advanced's open_slots tool calls.
 
     GET /slots?date=... answers {"date", "open_slots"}; set `mode` to "down" (HTTP 500) or
     "slow" (sleeps)."""

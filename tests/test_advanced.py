@@ -216,29 +216,32 @@ def tool_then_answer(name, arguments, answer="We have 9:30 or 2 pm open on Tuesd
 
 
 def test_server_tool_round_trip(advanced, fake, scheduling_api):
-    fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}')
+    fake.responder = tool_then_answer("open_slots", '{"date": "2026-01-06"}')
     response = post_chat(advanced, phone_call("Anything open next Tuesday?"))
     raw = response.content.decode()
     events, done = read_sse(raw)
     assert done and raw.rstrip().endswith("data: [DONE]")
     assert streamed_text(events) == \
-        "One moment while I check that.We have 9:30 or 2 pm open on Tuesday."
+        "One moment while I check that. We have 9:30 or 2 pm open on Tuesday.", \
+        "the filler and the next round are two sentences, as a voice reads them"
+    assert len({event["id"] for event in events}) == 1, "one completion, however many rounds"
+    assert [e for e in events if "role" in e["choices"][0]["delta"]] == events[:1], "one role chunk"
     assert not any("tool_calls" in e["choices"][0]["delta"] for e in events), \
         "server tools are not Vapi's"
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
     assert scheduling_api.requests == ["/slots?date=2026-01-06"]
 
     first, second = fake.chat_bodies()
-    assert "clinic_open_slots" in [t["function"]["name"] for t in first["tools"]]
+    assert "open_slots" in [t["function"]["name"] for t in first["tools"]]
     assistant, tool = second["messages"][-2:]
     assert assistant["role"] == "assistant" and assistant["tool_calls"][0]["function"] == {
-        "name": "clinic_open_slots", "arguments": '{"date": "2026-01-06"}'}
+        "name": "open_slots", "arguments": '{"date": "2026-01-06"}'}
     assert tool == {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"],
                     "content": json.dumps({"date": "2026-01-06", "open_slots": ["09:30", "14:00"]})}
 
 
 def test_local_tool_round_trip(advanced, fake):
-    fake.responder = tool_then_answer("clinic_local_time", "{}", "It is just after nine.")
+    fake.responder = tool_then_answer("local_time", "{}", "It is just after nine.")
     events, done = read_sse(post_chat(advanced, phone_call("Are you open right now?")))
     assert done and streamed_text(events).endswith("It is just after nine.")
     result = json.loads(fake.chat_bodies()[1]["messages"][-1]["content"])
@@ -253,7 +256,7 @@ def test_scheduling_api_failure_becomes_a_result_the_model_can_talk_about(start_
     server = start_server("openai-advanced", AVAILABILITY_API_URL=url,
                           AVAILABILITY_TIMEOUT_SECONDS="1")
     scheduling_api.mode = mode
-    fake.responder = tool_then_answer("clinic_open_slots", '{"date": "2026-01-06"}',
+    fake.responder = tool_then_answer("open_slots", '{"date": "2026-01-06"}',
                                       "Sorry, I can't see the calendar right now.")
     events, done = read_sse(post_chat(server, phone_call("Anything open Tuesday?")))
     assert done and streamed_text(events).endswith("Sorry, I can't see the calendar right now.")
@@ -275,7 +278,7 @@ def test_vapi_tools_pass_through_untouched(advanced, fake):
 
 
 def test_when_one_answer_calls_both_kinds_vapi_tools_win(advanced, fake):
-    fake.script({"tool_calls": [{"name": "clinic_local_time", "arguments": "{}"},
+    fake.script({"tool_calls": [{"name": "local_time", "arguments": "{}"},
                                 {"name": "endCall", "arguments": "{}"}]})
     events, done = read_sse(post_chat(advanced, load_fixture("with-vapi-tools.json")))
     assert done and len(fake.chat_bodies()) == 1, "the server-side call is dropped, not run"
@@ -283,6 +286,30 @@ def test_when_one_answer_calls_both_kinds_vapi_tools_win(advanced, fake):
     assert {c["function"].get("name") for c in calls} - {None} == {"endCall"}
     assert {c["index"] for c in calls} == {0}, "renumbered from 1 to 0"
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert "One moment" not in streamed_text(events), "no filler for a check that never happens"
+
+
+def test_no_filler_before_a_transfer_that_follows_a_server_side_call(advanced, fake):
+    fake.script({"tokens": ["Sure."], "tool_calls": [
+        {"name": "local_time", "arguments": '{"reason": "' + "x" * 200 + '"}'},
+        {"name": "transferCall", "arguments": '{"destination":"+15555550188"}'}]})
+    events, done = read_sse(post_chat(advanced, load_fixture("with-vapi-tools.json")))
+    assert done and streamed_text(events) == "Sure."
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_words_before_a_tool_call_and_after_it_are_separate_sentences(advanced, fake):
+    def respond(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"tokens": ["It", " is", " nine."]}
+        return {"tokens": ["Let", " me", " look."],
+                "tool_calls": [{"name": "local_time", "arguments": "{}"}]}
+
+    fake.responder = respond
+    events, done = read_sse(post_chat(advanced, phone_call("What time is it?")))
+    assert done and streamed_text(events) == \
+        "Let me look. One moment while I check that. It is nine."
+    assert len({event["id"] for event in events}) == 1
 
 
 def test_round_limit(start_server, fake):
@@ -290,8 +317,8 @@ def test_round_limit(start_server, fake):
 
     def always_the_tool(body):
         offered = [t["function"]["name"] for t in body.get("tools", [])]
-        if "clinic_local_time" in offered:
-            return {"tool_calls": [{"name": "clinic_local_time", "arguments": "{}"}]}
+        if "local_time" in offered:
+            return {"tool_calls": [{"name": "local_time", "arguments": "{}"}]}
         return {"text": "Let me have someone call you back."}
 
     fake.responder = always_the_tool
@@ -304,13 +331,24 @@ def test_round_limit(start_server, fake):
 
 def test_flush_after_filler(start_server, fake):
     server = start_server("openai-advanced", FLUSH_AFTER_FILLER="1")
-    fake.responder = tool_then_answer("clinic_local_time", "{}", "Nine.")
+    fake.responder = tool_then_answer("local_time", "{}", "Nine.")
     events, _ = read_sse(post_chat(server, phone_call("What time is it?")))
-    assert streamed_text(events) == "One moment while I check that. <flush />Nine."
+    assert streamed_text(events) == "One moment while I check that. <flush /> Nine."
+
+
+def test_a_round_that_only_calls_a_tool_sends_nothing_before_the_filler(advanced, fake):
+    fake.responder = tool_then_answer("local_time", "{}", "Nine.")
+    fake.token_delay = 0.05
+    response = post_chat(advanced, phone_call("What time is it?"))
+    events, done = read_sse(response)
+    assert done
+    texts = [e["choices"][0]["delta"].get("content") for e in events]
+    assert texts[:2] == ["", "One moment while I check that."], texts
+    assert not any("tool_calls" in e["choices"][0]["delta"] for e in events)
 
 
 def test_stream_false_runs_the_same_tool_rounds(advanced, fake):
-    fake.responder = tool_then_answer("clinic_local_time", "{}", "It is nine.")
+    fake.responder = tool_then_answer("local_time", "{}", "It is nine.")
     body = {**phone_call("What time is it?"), "stream": False}
     response = post_chat(advanced, body)
     assert response.json()["choices"][0]["message"]["content"] == "It is nine."
@@ -346,3 +384,115 @@ def test_concurrent_calls_under_two_workers_store_every_turn_once(start_server, 
     assert sorted(row[0] for row in rows) == sorted(body["call"]["id"] for body in bodies), \
         "each turn once"
     assert "locked" not in server.log() and "Traceback" not in server.log()
+
+
+# --- what is remembered ---------------------------------------------------------------------------
+
+def test_a_transfer_is_remembered_as_what_happened(advanced, fake):
+    body = phone_call("Put me through to billing.")
+    body["tools"] = load_fixture("with-vapi-tools.json")["tools"]
+    fake.script({"tokens": ["Connecting", " you", " now."],
+                 "tool_calls": [{"name": "transferCall",
+                                 "arguments": '{"destination":"+15555550188"}'}]})
+    read_sse(post_chat(advanced, body))
+    assert wait_for(lambda: memory_rows(advanced, call_id=body["call"]["id"]), 3)
+    [row] = memory_rows(advanced, call_id=body["call"]["id"])
+    assert row[3] == "Connecting you now. [called transferCall]"
+
+
+def test_a_silent_hang_up_tool_is_remembered_and_an_empty_answer_is_not(advanced, fake):
+    end_call = phone_call("Bye.")
+    end_call["tools"] = load_fixture("with-vapi-tools.json")["tools"]
+    fake.script({"tool_calls": [{"name": "endCall", "arguments": "{}"}]})
+    read_sse(post_chat(advanced, end_call))
+    empty = phone_call("Hello?")
+    fake.script({"tokens": []})
+    events, done = read_sse(post_chat(advanced, empty))
+    assert done and streamed_text(events) == ""
+    assert wait_for(lambda: memory_rows(advanced, call_id=end_call["call"]["id"]), 3)
+    assert memory_rows(advanced, call_id=end_call["call"]["id"])[0][3] == "[called endCall]"
+    time.sleep(0.3)
+    assert memory_rows(advanced, call_id=empty["call"]["id"]) == [], "never an empty answer"
+    read_sse(post_chat(advanced, phone_call("Me again.", empty["customer"]["number"])))
+    assert "Earlier calls" not in system_prompt(fake.chat_bodies()[-1])
+
+
+# --- caller fields of any shape -------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, customer", [
+    ({"id": "\ud800", "customer": {"number": "+15550001234"}}, None),
+    ({"id": "ok-1", "customer": {"number": "\ud83d"}}, {"number": "+1555\udfff"}),
+    ({"id": 5, "customer": ["+15550001234"]}, {"number": {"e164": "+1"}}),
+    ("a string", 7),
+    ({"id": "x" * 10000, "customer": {"number": "+1" * 5000}}, {"number": "\n\t"}),
+    ({"customer": {"number": None}}, {"number": True}),
+    ({"id": "ok-2", "customer": {"number": "+1 555\u0000 0001"}}, {}),
+], ids=["surrogate-call-id", "surrogate-numbers", "wrong-types", "not-objects", "huge-and-blank",
+        "null-and-bool", "nul-character"])
+def test_caller_fields_of_any_shape_leave_the_call_working(advanced, fake, call, customer):
+    body = phone_call("Do you take walk-ins?")
+    body["call"], body["customer"] = call, customer
+    log_before = len(advanced.log())
+    for _ in range(2):  # the second time, memory has (or has not) got the first
+        response = post_chat(advanced, body)
+        events, done = read_sse(response)
+        assert response.status_code == 200 and done
+        assert streamed_text(events) == "You said: Do you take walk-ins?"
+    time.sleep(0.2)
+    assert "Traceback" not in advanced.log()[log_before:]
+
+
+# --- knowledge in any script ----------------------------------------------------------------------
+
+@pytest.fixture
+def multilingual(start_server, tmp_path):
+    (tmp_path / "staff.md").write_text(
+        "# Staff\n\n## Dr. Müller\n\nDr. Anna Müller sees children on Tuesdays.\n\n"
+        "## Desserts\n\nThe waiting room serves crème brûlée on Fridays.\n\n"
+        "## Парковка\n\nБесплатная парковка во дворе, въезд с улицы Ленина.\n\n"
+        "## Ωράριο\n\nΤο ιατρείο είναι ανοιχτό Δευτέρα με Παρασκευή.\n", encoding="utf-8")
+    return start_server("openai-advanced", KNOWLEDGE_DIR=str(tmp_path))
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("Is Dr. Müller in this week?", "sees children on Tuesdays"),
+    ("Is doctor Muller in?", "sees children on Tuesdays"),
+    ("Do you still serve cre\u0300me brule\u0301e?", "crème brûlée"),  # accents as separate marks
+    ("Где у вас парковка?", "въезд с улицы Ленина"),
+    ("Ποιο είναι το ωράριο;", "Δευτέρα με Παρασκευή"),
+])
+def test_knowledge_matches_words_in_any_script(multilingual, fake, question, expected):
+    read_sse(post_chat(multilingual, phone_call(question)))
+    assert expected in system_prompt(fake.chat_bodies()[0])
+
+
+def test_knowledge_in_another_script_does_not_match_everything(multilingual, fake):
+    read_sse(post_chat(multilingual, phone_call("Сколько стоит чистка зубов?")))
+    assert "information for this question" not in system_prompt(fake.chat_bodies()[0])
+    assert "въезд" not in system_prompt(fake.chat_bodies()[0])
+
+
+# --- wording and settings -------------------------------------------------------------------------
+
+def test_every_section_the_model_reads_comes_from_prompt_md(advanced, fake):
+    from conftest import ROOT
+    prompt_md = (ROOT / "openai-advanced" / "prompt.md").read_text()
+    code = "".join(path.read_text() for path in (ROOT / "openai-advanced").glob("*.py"))
+    number = "+15550009999"
+    read_sse(post_chat(advanced, phone_call("Do you whiten teeth?", number)))
+    assert wait_for(lambda: memory_rows(advanced, caller=number), 3)
+    read_sse(post_chat(advanced, phone_call("How much is a cleaning?", number)))
+    context = system_prompt(fake.chat_bodies()[-1]).split("\n\n", 1)[1]
+    for phrase in ("The caller's phone number is", "Earlier calls from this number",
+                   "information for this question", "You clean up phone-call transcripts"):
+        assert phrase in prompt_md and phrase not in code, phrase
+    for phrase in ("The caller's phone number is", "Earlier calls from this number",
+                   "information for this question"):
+        assert phrase in context, phrase
+
+
+def test_the_time_zone_works_without_system_zone_data(start_server, fake, tmp_path):
+    server = start_server("openai-advanced", BUSINESS_TIMEZONE="Europe/Paris",
+                          PYTHONTZPATH=str(tmp_path))  # no zone files there: tzdata must answer
+    read_sse(post_chat(server, phone_call("What time is it?")))
+    assert "(Europe/Paris)" in system_prompt(fake.chat_bodies()[0])

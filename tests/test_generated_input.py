@@ -47,6 +47,25 @@ bodies = st.fixed_dictionaries({}, optional={
     lambda extra: {**extra, **body}))
 
 
+# Text of any code point, lone surrogates ('\ud800': not valid Unicode) included; JSON carries them.
+any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40) | st.builds(
+    lambda head, surrogate, tail: head + surrogate + tail, st.text(max_size=12),
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.text(max_size=12))
+caller_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | any_text,
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(["id", "number", "customer", "name", "sipUri"]) | any_text,
+                      children, max_size=4),
+    max_leaves=10)
+field = any_text | caller_values
+customer = caller_values | st.fixed_dictionaries({}, optional={"number": field, "name": field})
+caller_fields = st.fixed_dictionaries({}, optional={
+    "call": caller_values | st.fixed_dictionaries({}, optional={"id": field,
+                                                                "customer": customer}),
+    "customer": customer})
+
+
 def assert_valid_answer(response, fake):
     """The invariant every generated case must keep."""
     CASES["count"] += 1
@@ -74,6 +93,23 @@ def assert_valid_answer(response, fake):
 def test_generated_bodies(server, fake, body):
     fake.reset()
     assert_valid_answer(post_chat(server, body, stream=False), fake)
+
+
+@SETTINGS
+@given(fields=caller_fields)
+def test_generated_caller_fields_leave_the_call_working(start_server, fake, fields):
+    """openai-advanced reads the caller's number and the call id for memory: whatever they hold, the
+    call is answered in full (without memory for that caller if need be), twice in a row."""
+    server = start_server("openai-advanced")
+    body = {**load_fixture("first-turn.json"), "stream": True}
+    body.pop("call"), body.pop("customer")
+    body.update(fields)
+    for _ in range(2):
+        fake.reset()
+        response = post_chat(server, body, stream=False)
+        assert_valid_answer(response, fake)
+        assert response.status_code == 200 and "error" not in response.text
+        assert read_sse(response.text)[0], "an answer, not only [DONE]"
 
 
 @SETTINGS

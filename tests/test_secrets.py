@@ -57,7 +57,7 @@ def exercise_every_path(server, fake):
     post_chat(server, body, headers=auth).content
     fake.script({"tokens": ["partial"], "cut_after": 1})
     read_sse(post_chat(server, body, headers=auth))
-    fake.script({"tool_calls": [{"name": "clinic_local_time", "arguments": "{}"}]})
+    fake.script({"tool_calls": [{"name": "local_time", "arguments": "{}"}]})
     read_sse(post_chat(server, body, headers=auth))
     return body
 
