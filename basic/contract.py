@@ -67,14 +67,12 @@ class ChatError(Exception):
 
 
 class ProviderFailed(ChatError):
-    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when it was too slow.
-    """
+    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when too slow."""
 
 
 @dataclasses.dataclass
 class Turn:
-    """One request: Vapi's body, the provider request built from it, and what its log line will say.
-    """
+    """One request: Vapi's body, the provider request built from it, what its log line says."""
 
     started: float
     path: str  # method and path, for the log line
@@ -141,8 +139,7 @@ def read_chat_request():
 
 
 def authorized(authorization):
-    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open when no key is set.
-    """
+    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open without a key."""
     if not CUSTOM_LLM_API_KEY:
         return True
     scheme, _, token = authorization.partition(" ")
@@ -156,8 +153,7 @@ def reject_constant(name):
 
 
 def provider_error(exc):
-    """The ProviderFailed for an exception from the provider call (the SDK's, or a broken answer).
-    """
+    """The ProviderFailed for an exception from the provider call (the SDK's, a broken answer)."""
     # the SDK could not encode the request: a lone surrogate
     if isinstance(exc, UnicodeEncodeError):
         return ProviderFailed(400, "The request contains text that is not valid Unicode.")
@@ -186,17 +182,16 @@ def sse(payload):
 
 
 def warm_up(client):
-    """Load the SDK's lazy parts and work out its platform headers (a `uname -p` subprocess) now, at
-    start-up, rather than on the first callers' turns: a burst of first calls would start one each.
-    """
+    """Load the SDK's lazy parts and work out its platform headers (a `uname -p` subprocess) now,
+    at start-up, rather than on the first callers' turns: a burst of first calls would start one
+    each."""
     _ = client.chat.completions  # loads the SDK's lazy modules
     client.platform_headers()
 
 
 def init_app(app):
     """What every folder's app has: the body limit, debug mode only when asked, OpenAI-shaped
-    errors, one log line per request (for a stream, written after its last byte), and GET /health.
-    """
+    errors, one log line per request (for a stream, written after its last byte), GET /health."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
     app.debug = FLASK_DEBUG  # Flask's debugger would show code to anyone who can reach the server
     if FLASK_DEBUG:

@@ -28,8 +28,7 @@ from tools import build_tools, server_tools_for, sort_tool_calls, tool_round_mes
 
 HERE = Path(__file__).resolve().parent
 
-# Configuration: what this folder adds (see README.md; contract.py reads the settings every folder
-# has)
+# Configuration: what this folder adds (contract.py reads the settings every folder has)
 BUSINESS_TIMEZONE = os.getenv("BUSINESS_TIMEZONE", "America/New_York")
 BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, at start-up
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
@@ -42,13 +41,11 @@ MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
 REWRITE_ENABLED = os.getenv("REWRITE_ENABLED", "") == "1"
 REWRITE_MODEL = os.getenv("REWRITE_MODEL", "")  # empty: the turn's own model
 REWRITE_BUDGET_MS = int(os.getenv("REWRITE_BUDGET_MS", "800"))
-# empty: open_slots is not offered
-AVAILABILITY_API_URL = os.getenv("AVAILABILITY_API_URL", "")
+AVAILABILITY_API_URL = os.getenv("AVAILABILITY_API_URL", "")  # empty: open_slots is not offered
 AVAILABILITY_TIMEOUT_SECONDS = float(os.getenv("AVAILABILITY_TIMEOUT_SECONDS", "3"))
 MAX_TOOL_ROUNDS = int(os.getenv("MAX_TOOL_ROUNDS", "3"))
 TOOL_FILLER = os.getenv("TOOL_FILLER", "One moment while I check that.")
-# needs voice.chunkPlan.enabled in Vapi
-FLUSH_AFTER_FILLER = os.getenv("FLUSH_AFTER_FILLER", "") == "1"
+FLUSH_AFTER_FILLER = os.getenv("FLUSH_AFTER_FILLER", "") == "1"  # needs voice.chunkPlan.enabled
 
 # gunicorn.conf.py runs this app on gevent, as openai-sse; see provider_stream.py.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
@@ -72,8 +69,7 @@ class Answer:
     server_tools: dict  # the server-side tools this turn may use
     caller_socket: object  # watched for a hang-up in every round
     caller: str | None  # the caller's phone number, for memory
-    # the caller's own words, to remember the turn by (None: not a caller's turn)
-    user_text: str | None
+    user_text: str | None  # the caller's own words, to remember the turn by (None: a tool turn)
     spoken: list = dataclasses.field(default_factory=list)  # the model's words the caller heard
     vapi_tools: list = dataclasses.field(default_factory=list)  # Vapi's tools the answer ended with
     rounds: int = 0  # server-side tool rounds so far
@@ -92,8 +88,7 @@ class Answer:
         return text
 
     def remembered(self):
-        """What to store as the assistant's side of the turn: its words, and Vapi's tools it called.
-        """
+        """The assistant's side of the turn, to remember: its words, and Vapi's tools it called."""
         tools = f"[called {', '.join(self.vapi_tools)}]" if self.vapi_tools else ""
         return " ".join(part for part in ("".join(self.spoken).strip(), tools) if part)
 
@@ -104,8 +99,7 @@ class Answer:
 @app.post("/chat/completions/chat/completions")
 @app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
-    """Vapi's turn: shape the request, then relay the model's rounds as SSE (stream: true) or JSON.
-    """
+    """Vapi's turn: shape the request, then relay the model's rounds as SSE or JSON."""
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     answer = shape_request(turn)
     if not turn.stream:
@@ -128,6 +122,7 @@ def relay(turn, answer):
     """The model's rounds as one stream, then `data: [DONE]`. Once something was sent, a failure
     becomes one error event before [DONE]; before that it is raised, so the view can answer with its
     HTTP status."""
+    failed = False
     try:
         yield from tool_loop(turn, answer, relay_round)
     except CallerHungUp:
@@ -137,15 +132,14 @@ def relay(turn, answer):
     except Exception as exc:
         if not turn.chunks:
             raise
-        # a bug of ours: its traceback goes to the log, not to the caller
-        if not isinstance(exc, ChatError):
+        if not isinstance(exc, ChatError):  # a bug of ours: the traceback goes to the log only
             log.error("unexpected error while relaying", exc_info=exc)
             exc = ChatError(500, "Internal server error.", "server_error")
         yield sse(exc.body())
-        yield b"data: [DONE]\n\n"
-        return
+        failed = True
     yield b"data: [DONE]\n\n"
-    remember(turn, answer)  # only a whole answer, that the caller heard to the end
+    if not failed:
+        remember(turn, answer)  # only a whole answer, that the caller heard to the end
 
 
 def prepend(first_event, events):

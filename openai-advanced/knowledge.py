@@ -21,8 +21,7 @@ like want need know""".split())
 
 
 def split_passages(text, source):
-    """Split a Markdown document into (source, heading, text) passages: one per section, or smaller.
-    """
+    """Split a Markdown document into (source, heading, text) passages: one per section or less."""
     title, passages = source, []
     for section in re.split(r"^(?=#)", text, flags=re.MULTILINE):
         heading_line, _, body = section.partition("\n")

@@ -74,8 +74,7 @@ def printable(text):
 
 
 def rewrite_utterance(client, prompt, model, messages, budget_seconds):
-    """Ask a model to rewrite the caller's last words within the budget; None on timeout or error.
-    """
+    """Ask a model to rewrite the caller's last words within the budget; None on timeout, error."""
     transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:

@@ -35,8 +35,7 @@ init_app(app)
 @app.post("/chat/completions/chat/completions")
 @app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
-    """Vapi's turn: relay the provider's stream as SSE (stream: true), or its whole answer as JSON.
-    """
+    """Vapi's turn: relay the provider's stream as SSE (stream: true), or its answer as JSON."""
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     if not turn.stream:
         return answer_whole(turn)
