@@ -1,10 +1,9 @@
-"""A Vapi Custom LLM server, the simplest version: ask the model, wait for the whole answer, send it
-back.
+"""The simplest Vapi Custom LLM server: ask the model, wait for the whole answer, then send it.
 
-Vapi always asks for a stream (`stream: true`), so the finished answer goes back as Server-Sent
-Events; the caller hears nothing until the model has written its last word. `openai-sse/` relays it
-word by word. What every folder shares (settings, request checks, errors, the log line) is in
-contract.py."""
+Vapi asks for a stream (`stream: true`), so the finished answer goes back as Server-Sent Events: the
+caller hears nothing until the model's last word (`openai-sse/` relays it word by word). Shared
+settings, request checks, errors and the log line are in contract.py.
+"""
 
 import time
 
@@ -12,9 +11,10 @@ import openai
 from flask import Flask, Response
 
 from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
-                      OPENAI_TIMEOUT_SECONDS, ProviderFailed, init_app, provider_error,
-                      read_chat_request, run_with_gunicorn, sse, warm_up)
+                      OPENAI_TIMEOUT_SECONDS, complete, init_app, read_chat_request,
+                      run_with_gunicorn, sse, warm_up)
 
+# "not-set": the server starts without a key and answers chat requests with an error naming it.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
                        timeout=OPENAI_TIMEOUT_SECONDS, max_retries=OPENAI_MAX_RETRIES)
 warm_up(client)
@@ -25,19 +25,12 @@ init_app(app)
 
 @app.post("/chat/completions")
 @app.post("/v1/chat/completions")
-# the model URL was pasted with /chat/completions at the end
-@app.post("/chat/completions/chat/completions")
+@app.post("/chat/completions/chat/completions")  # a model URL pasted with /chat/completions
 @app.post("/v1/chat/completions/chat/completions")
 def chat_completions():
-    """Vapi's turn: ask the provider for the whole answer, then send it as SSE (stream: true) or
-    JSON."""
+    """Vapi's turn: ask the provider for the whole answer, then send it as SSE or JSON."""
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
-    try:
-        completion = client.chat.completions.create(**turn.upstream)
-    except (openai.OpenAIError, ValueError) as exc:  # ValueError: the provider sent broken JSON
-        raise provider_error(exc) from exc
-    if not completion.choices:
-        raise ProviderFailed(502, "The model provider sent no choices.", "provider_error")
+    completion = complete(client, turn.upstream)  # client.chat.completions.create(...), checked
     turn.first_token_at = time.perf_counter()
     if not turn.stream:
         turn.chunks = 1
@@ -48,8 +41,7 @@ def chat_completions():
 
 
 def completion_as_sse(completion):
-    """The finished answer as the stream Vapi expects: role, content or tool calls, finish_reason,
-    [DONE]."""
+    """The finished answer as the stream Vapi expects: role, words or tool calls, finish, [DONE]."""
     choice = completion.choices[0]
     head = {"id": completion.id, "object": "chat.completion.chunk", "created": completion.created,
             "model": completion.model}

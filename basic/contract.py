@@ -1,11 +1,10 @@
-"""The contract every server folder keeps — this file is identical in basic/, openai-sse/ and
-openai-advanced/.
+"""What every server folder does the same way: identical in basic/, openai-sse/, openai-advanced/.
 
-What all three do the same way lives here, so that each app.py can start with its lesson: the
-settings from the environment and .env, the bearer check, the request checks and the allow-list of
-OpenAI parameters, errors in OpenAI's shape, and one log line per request. Change it in one folder,
-copy it to the others: a test compares them. Spec followed:
-https://docs.vapi.ai/customization/custom-llm/using-your-server"""
+Settings from the environment and .env, the bearer check, the request checks and the allow-list of
+OpenAI parameters, errors in OpenAI's shape, and one log line per request live here, so that each
+app.py can start with its lesson. Change it in one folder, copy it to the others (a test compares).
+Spec followed: https://docs.vapi.ai/customization/custom-llm/using-your-server
+"""
 
 import dataclasses
 import hmac
@@ -24,17 +23,22 @@ from werkzeug.exceptions import HTTPException
 HERE = Path(__file__).resolve().parent
 load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
 
+
+def flag(name, default=""):
+    """A yes/no setting: 1, true or yes (any case) mean yes."""
+    return os.getenv(name, default).strip().lower() in ("1", "true", "yes")
+
+
 # Configuration (every variable is explained in .env.example)
 OPENAI_API_KEY = os.getenv("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = os.getenv("OPENAI_BASE_URL") or None  # None: api.openai.com
 OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model name Vapi sends
-# longest provider silence
-OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))
+OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # longest silence
 OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
 CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
 MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
 LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
-FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # never behind ngrok
+FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
 # phoneNumber, metadata, ...) stays here: OpenAI rejects unknown parameters, and phoneNumber can
@@ -42,20 +46,17 @@ FLASK_DEBUG = os.getenv("FLASK_DEBUG", "").lower() in ("1", "true", "yes")  # ne
 FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_completion_tokens",
                     "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "tools",
                     "tool_choice", "parallel_tool_calls", "response_format", "user")
-# The keys a message may carry; Vapi adds others (e.g. transcriber `metadata`) that OpenAI would
-# reject.
+# The keys a message may carry; Vapi adds others (transcriber `metadata`) that OpenAI rejects.
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-# the SDK's HTTP client logs every request at INFO
-logging.getLogger("httpx2").setLevel(logging.WARNING)
+logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client: a line per request
 log = logging.getLogger("custom-llm")
 
 
 class ChatError(Exception):
-    """An error for the caller: an HTTP status and OpenAI's error fields. Raised before the stream
-    has started, it becomes the response; after, the stream ends with it as one `data:` event and
-    [DONE]."""
+    """An error for the caller: an HTTP status and OpenAI's error fields. Raised before a stream has
+    started, it is the response; after, the stream ends with it as one event (error_event)."""
 
     def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
         super().__init__(message)
@@ -63,6 +64,7 @@ class ChatError(Exception):
         self.error = {"message": message, "type": type_, "param": param, "code": code}
 
     def body(self):
+        """The JSON body: {"error": {"message", "type", "param", "code"}}."""
         return {"error": self.error}
 
 
@@ -82,24 +84,25 @@ class Turn:
     call_id: str = "-"
     first_token_at: float | None = None
     chunks: int = 0
-    # extra `name=value` pairs for the log line
-    steps: dict = dataclasses.field(default_factory=dict)
+    steps: dict = dataclasses.field(default_factory=dict)  # more `name=value` for the log line
 
     def relayed(self, chunk):
-        """Count a chunk sent to the caller; note when the first one with words or a tool call went
-        out."""
+        """Count a chunk sent to the caller; note when the first token went out."""
         self.chunks += 1
-        if self.first_token_at is None and any(
-                isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
-                and (choice["delta"].get("content") or choice["delta"].get("tool_calls"))
-                for choice in chunk["choices"]):
+        if self.first_token_at is None and carries_token(chunk):
             self.first_token_at = time.perf_counter()
 
 
+def carries_token(chunk):
+    """Whether a chunk holds words or a tool call (a provider's first, role-only chunk does not)."""
+    return any(isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
+               and (choice["delta"].get("content") or choice["delta"].get("tool_calls"))
+               for choice in chunk["choices"])
+
+
 def read_chat_request():
-    """Check the bearer token and Vapi's body; returns this request's Turn. Lenient about what Vapi
-    adds, strict about what goes on: the provider request is built from the allow-list. Raises
-    ChatError."""
+    """Check the bearer token and Vapi's body; returns this request's Turn, or raises ChatError.
+    Lenient about what Vapi adds, strict about what goes on: the allow-list builds the request."""
     turn = g.turn
     if not authorized(request.headers.get("Authorization", "")):
         raise ChatError(401, "Missing or wrong bearer token (CUSTOM_LLM_API_KEY).",
@@ -114,7 +117,8 @@ def read_chat_request():
         raise ChatError(400, "The request body must be a JSON object.")
     call = body.get("call")
     call_id = call.get("id") if isinstance(call, dict) else None
-    turn.call_id = call_id[:64] if isinstance(call_id, str) else "-"  # web tests send none
+    printable = isinstance(call_id, str) and call_id.isprintable()  # not '\ud800', not a newline
+    turn.call_id = call_id[:64] if printable else "-"  # web tests send none
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ChatError(400, "'messages' must be a non-empty list.", param="messages")
@@ -154,8 +158,7 @@ def reject_constant(name):
 
 def provider_error(exc):
     """The ProviderFailed for an exception from the provider call (the SDK's, a broken answer)."""
-    # the SDK could not encode the request: a lone surrogate
-    if isinstance(exc, UnicodeEncodeError):
+    if isinstance(exc, UnicodeEncodeError):  # the SDK could not encode a lone surrogate
         return ProviderFailed(400, "The request contains text that is not valid Unicode.")
     if isinstance(exc, openai.APITimeoutError):
         return ProviderFailed(504, "The model provider did not answer in time "
@@ -168,24 +171,41 @@ def provider_error(exc):
         return ProviderFailed(exc.status_code, f"Model provider: {message}",
                               error.get("type") or "provider_error", error.get("param"),
                               error.get("code"))
-    # no provider failure we know of
-    if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):
-        log.error("unexpected error from the provider call", exc_info=exc)
+    if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):  # e.g. the HTTP client's
+        log.error("unexpected error from the provider call", exc_info=exc)  # (or a bug): logged
     return ProviderFailed(502, "The model provider failed or could not be reached.",
                           "provider_error", code="provider_unavailable")
 
 
+def complete(client, request):
+    """The provider's whole answer, a chat.completion (stream: false); raises ProviderFailed."""
+    try:
+        completion = client.chat.completions.create(**request)
+    except (openai.OpenAIError, ValueError) as exc:  # ValueError: the provider sent broken JSON
+        raise provider_error(exc) from exc
+    if not completion.choices:
+        raise ProviderFailed(502, "The model provider sent no choices.", "provider_error")
+    return completion
+
+
 def sse(payload):
-    """One Server-Sent Event: JSON on one `data:` line, so a newline in the text cannot break the
-    framing."""
+    """One Server-Sent Event: JSON on one `data:` line, so a newline cannot break the framing."""
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+def error_event(exc):
+    """The event that ends a stream after a failure: the ChatError's, or for a bug of ours (its
+    traceback goes to the log, not to the caller) a plain 500."""
+    if not isinstance(exc, ChatError):
+        log.error("unexpected error while streaming", exc_info=exc)
+        exc = ChatError(500, "Internal server error.", "server_error")
+    return sse(exc.body())
+
+
 def warm_up(client):
-    """Load the SDK's lazy parts and work out its platform headers (a `uname -p` subprocess) now,
-    at start-up, rather than on the first callers' turns: a burst of first calls would start one
-    each."""
-    _ = client.chat.completions  # loads the SDK's lazy modules
+    """Load the SDK's lazy modules (40 ms) and work out its platform headers (a `uname -p`
+    subprocess, 2 ms; measured) at start-up: not on the first callers' turns, once each."""
+    _ = client.chat.completions
     client.platform_headers()
 
 
@@ -205,6 +225,7 @@ def init_app(app):
 
     @app.errorhandler(ChatError)
     def chat_error(exc):
+        """A bad request or a failed provider, before anything was sent: its status and body."""
         return exc.body(), exc.status
 
     @app.errorhandler(HTTPException)
@@ -220,16 +241,16 @@ def init_app(app):
 
     @app.before_request
     def start_turn():
+        """Every request has a Turn from the start, so that even a 404 gets its log line."""
         g.turn = Turn(time.perf_counter(), f"{request.method} {request.path[:100]}")
 
     @app.after_request
     def log_request(response):
+        """Write the log line now; for a stream, once the server closes it after its last byte."""
         turn = g.turn
-        if request.endpoint == "health":
-            pass
-        elif response.is_streamed:  # written when the server closes the stream, after its last byte
+        if request.endpoint != "health" and response.is_streamed:
             response.call_on_close(lambda: log_line(turn, response.status_code))
-        else:
+        elif request.endpoint != "health":
             log_line(turn, response.status_code)
         return response
 
@@ -250,7 +271,6 @@ def log_line(turn, status):
 
 
 def run_with_gunicorn():
-    """`python app.py`: run exactly what `gunicorn app:app` in this folder runs (see
-    gunicorn.conf.py)."""
+    """`python app.py`: run exactly what `gunicorn app:app` runs here (with gunicorn.conf.py)."""
     os.chdir(HERE)
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "app:app"])

@@ -15,15 +15,12 @@ load_dotenv(Path(__file__).with_name(".env"))
 
 bind = f"0.0.0.0:{os.getenv('PORT', '8000')}"
 worker_class = "gthread"
-# One process per core; each holds `threads` simultaneous calls (a waiting thread costs little
-# memory).
+# One process per core; each holds `threads` simultaneous calls (a waiting thread costs little).
 workers = int(os.getenv("WEB_CONCURRENCY", "2"))
 threads = int(os.getenv("GUNICORN_THREADS", "256"))
-# Vapi and ngrok reuse connections between turns; keep idle ones open (they wait in a poller, not a
-# thread).
+# Vapi and ngrok reuse connections between turns; keep idle ones open (in a poller, not a thread).
 keepalive = 30
 # For gthread this is the worker heartbeat, not a limit on how long a stream may run.
 timeout = 30
-# app.py logs one line per request with the call id and timings; gunicorn's access log would repeat
-# it.
+# app.py logs one line per request with the call id and timings: no access log to repeat it.
 accesslog = None

@@ -24,6 +24,5 @@ worker_connections = int(os.getenv("WORKER_CONNECTIONS", "1000"))
 keepalive = 30
 # The worker heartbeat, not a limit on how long a stream may run.
 timeout = 30
-# app.py logs one line per request with the call id and timings; gunicorn's access log would repeat
-# it.
+# app.py logs one line per request with the call id and timings: no access log to repeat it.
 accesslog = None

@@ -1,9 +1,8 @@
-"""Domain knowledge: the Markdown files in knowledge/, split into passages and searched with SQLite
-FTS5 (BM25).
+"""Domain knowledge: the Markdown files in knowledge/, as passages searched with SQLite FTS5 (BM25).
 
 The index lives in memory, one per worker process, built at start-up in a few milliseconds and
-rebuilt when a file in the folder changes. No extra dependency: FTS5 is part of the SQLite that
-ships with Python."""
+rebuilt when a file in the folder changes. No extra dependency: FTS5 comes with Python's SQLite.
+"""
 
 import re
 import sqlite3
@@ -34,8 +33,8 @@ def split_passages(text, source):
         body = " ".join(body.split())
         while body:  # cut long sections after a sentence, MAX_PASSAGE_CHARS at most
             cut = len(body) if len(body) <= MAX_PASSAGE_CHARS else \
-                body.rfind(". ", 0, MAX_PASSAGE_CHARS) + 1
-            cut = cut or MAX_PASSAGE_CHARS
+                body.rfind(". ", 0, MAX_PASSAGE_CHARS) + 1  # just after the last ". " that fits
+            cut = cut or MAX_PASSAGE_CHARS  # no sentence end to cut at (rfind gave -1, so 0)
             passages.append((source, label, body[:cut].strip()))
             body = body[cut:].strip()
     return passages
@@ -60,8 +59,7 @@ class Knowledge:
                      for p in sorted(self.folder.glob("*.md")))
 
     def refresh(self):
-        """Rebuild the index if the documents changed since the last look (looks at most once a
-        second)."""
+        """Rebuild the index if the documents changed (it looks at most once a second)."""
         now = time.monotonic()
         if self.signature is not None and now - self.checked_at < self.check_every_seconds:
             return
@@ -77,11 +75,11 @@ class Knowledge:
         self.signature = signature
 
     def passage_count(self):
+        """How many passages the index holds (for the benchmark)."""
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
     def search(self, question, limit=3, max_chars=1500):
-        """The passages that best match the question (BM25), most relevant first, at most max_chars
-        in all."""
+        """The passages that match the question best (BM25), best first, max_chars at most."""
         self.refresh()
         # Words in any script (NFC: an accent typed as a separate mark stays part of its letter).
         words = {w for w in re.findall(r"\w+", unicodedata.normalize("NFC", question).lower())

@@ -1,16 +1,16 @@
-"""Prompt shaping: prompt.md filled in for a turn, the caller's number, the text of a message, and
-the optional rewrite of the caller's last words. Every word the model reads from here is in
-prompt.md."""
+"""Prompt shaping: prompt.md filled in for a turn, the caller's number, a message's text, and the
+optional rewrite of the caller's last words. Every word the model reads from here is in prompt.md.
+"""
 
 import datetime
-import logging
 import re
 import string
 
 import gevent
 import openai
 
-log = logging.getLogger("custom-llm")
+from contract import log
+
 SECTION = re.compile(r"^<!-- \$(\w+).*?-->\n", re.MULTILINE | re.DOTALL)
 
 
@@ -26,6 +26,7 @@ class Prompt:
                          for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
     def section(self, name, **values):
+        """One section of prompt.md with its placeholders filled in."""
         return self.sections[name].safe_substitute(values)
 
     def render(self, timezone, caller, earlier, passages):
@@ -59,18 +60,9 @@ def caller_number(body):
     call = body.get("call") if isinstance(body.get("call"), dict) else {}
     for customer in (call.get("customer"), body.get("customer")):
         number = customer.get("number") if isinstance(customer, dict) else None
-        if isinstance(number, str) and 0 < len(number) <= 64 and printable(number):
-            return number
+        if isinstance(number, str) and 0 < len(number) <= 64 and number.isprintable():
+            return number  # isprintable(): no newline, and no lone surrogate such as '\ud800'
     return None
-
-
-def printable(text):
-    """Printable text that can be stored (UTF-8: no lone surrogates such as '\\ud800')."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return text.isprintable()
 
 
 def rewrite_utterance(client, prompt, model, messages, budget_seconds):

@@ -12,7 +12,7 @@ import zoneinfo
 
 import requests
 
-from contract import ProviderFailed
+from contract import ProviderFailed, log
 
 
 def local_time(timezone):
@@ -52,7 +52,7 @@ def build_tools(timezone, availability_api_url, availability_timeout_seconds):
     if availability_api_url:  # offered only when there is an API to ask
         tools["open_slots"] = (
             function_tool("open_slots", "Look up free appointment slots on a given date.",
-                     {"date": {"type": "string", "description": "ISO date, e.g. 2026-01-06"}}),
+                          {"date": {"type": "string", "description": "ISO date, e.g. 2026-01-06"}}),
             lambda arguments: open_slots(availability_api_url, availability_timeout_seconds,
                                          str(arguments.get("date", ""))))
     return tools
@@ -68,7 +68,8 @@ def run_tool(tools, name, arguments_json):
         return json.dumps({"error": f"The arguments for {name} were not a valid JSON object."})
     try:
         return json.dumps(tools[name][1](arguments))
-    except Exception as exc:  # a bug in a tool must not break the caller's stream
+    except Exception as exc:  # a bug in a tool must not break the caller's stream: it is logged
+        log.error("server-side tool %s failed", name, exc_info=exc)
         return json.dumps({"error": f"{name} failed: {type(exc).__name__}"})
 
 
@@ -90,8 +91,7 @@ def with_tools(upstream, server_tools):
 
 
 def tool_round_messages(server_calls, server_tools):
-    """Run the server-side calls; the assistant `tool_calls` message and a `role: "tool"` message
-    each."""
+    """Run the calls: the assistant's `tool_calls` message, then one `role: "tool"` message each."""
     return [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call["id"], "type": "function",
          "function": {"name": call["name"], "arguments": call["arguments"]}}
@@ -101,21 +101,40 @@ def tool_round_messages(server_calls, server_tools):
         for call in server_calls]
 
 
-def sort_tool_calls(fragments, calls, vapi_index, server_tools, round_number):
-    """Add a chunk's streamed tool-call fragments to `calls` (by index). Returns the fragments of
-    Vapi's tools, renumbered from 0 (a server-side call may have taken index 0). Raises
-    ProviderFailed for fragments not in OpenAI's shape."""
-    if not isinstance(fragments, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("index", 0), int)
-            and isinstance(f.get("function") or {}, dict) for f in fragments):
-        raise ProviderFailed(502, "The model provider sent a malformed tool call.",
-                             "provider_error", code="bad_chunk")
-    to_vapi = []
-    for fragment in fragments:
-        function, index = fragment.get("function") or {}, fragment.get("index", 0)
-        call = calls.setdefault(index, {"id": fragment.get("id") or f"call_{round_number}_{index}",
-                                        "name": str(function.get("name") or ""), "arguments": ""})
-        call["arguments"] += str(function.get("arguments") or "")
-        if call["name"] not in server_tools:
-            to_vapi.append({**fragment, "index": vapi_index.setdefault(index, len(vapi_index))})
-    return to_vapi
+class RoundCalls:
+    """One round's tool calls as their fragments stream in: Vapi's pass through, renumbered from 0
+    (a server-side call may have taken index 0); calls to server-side tools are held back."""
+
+    def __init__(self, server_tools, round_number):
+        self.server_tools, self.round_number = server_tools, round_number
+        self.calls = {}  # the provider's index: {"id", "name", "arguments"}
+        self.vapi_index = {}  # the provider's index: the index Vapi sees
+
+    def add(self, fragments):
+        """Add one chunk's fragments; returns those for Vapi. Raises ProviderFailed for fragments
+        not in OpenAI's shape."""
+        if not isinstance(fragments, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("index", 0), int)
+                and isinstance(f.get("function") or {}, dict) for f in fragments):
+            raise ProviderFailed(502, "The model provider sent a malformed tool call.",
+                                 "provider_error", code="bad_chunk")
+        to_vapi = []
+        for fragment in fragments:
+            function, index = fragment.get("function") or {}, fragment.get("index", 0)
+            call = self.calls.setdefault(index, {
+                "id": fragment.get("id") or f"call_{self.round_number}_{index}",
+                "name": str(function.get("name") or ""), "arguments": ""})
+            call["arguments"] += str(function.get("arguments") or "")
+            if call["name"] not in self.server_tools:
+                index_for_vapi = self.vapi_index.setdefault(index, len(self.vapi_index))
+                to_vapi.append({**fragment, "index": index_for_vapi})
+        return to_vapi
+
+    def held(self):
+        """The calls to server-side tools."""
+        return [call for call in self.calls.values() if call["name"] in self.server_tools]
+
+    def for_vapi(self):
+        """The names of Vapi's tools called."""
+        return [call["name"] for call in self.calls.values()
+                if call["name"] not in self.server_tools]

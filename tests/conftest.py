@@ -53,6 +53,11 @@ BASE_ENV = {
     "REWRITE_MODEL": "",
     "AVAILABILITY_API_URL": "",
     "FLUSH_AFTER_FILLER": "",
+    "BUSINESS_TIMEZONE": "America/New_York",
+    "FALLBACK_BASE_URL": "",
+    "FALLBACK_API_KEY": "",
+    "FALLBACK_MODEL": "",
+    "HEDGE_AFTER_MS": "1500",
 }
 
 # The only request parameters, and the only keys of a message, that may reach the provider.

@@ -22,6 +22,7 @@ request (`fake.script(...)` or `fake.responder = ...`) with a dict of these keys
     no_done              end the stream without the final "data: [DONE]"
     only_done            send nothing but "data: [DONE]"
     finish_reason        overrides "stop" / "tool_calls"
+    finish_in_last_delta the finish_reason rides on the last delta, not a chunk of its own
 
 It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it
 records every request it received (`fake.requests`) and every response it streamed (`fake.streams`),
@@ -265,7 +266,7 @@ class FakeLLM:
             conn.stream = None
 
     def control(self, conn, route, raw_body):
-        """For a stand-in in its own process (benchmark): /_fake/stats, streams, script, reset."""
+        """For a stand-in in its own process: /_fake/stats, streams, requests, script, reset."""
         if route == "/_fake/stats":
             conn.send_json(200, {"open": len(self.open_streams()), "streams": len(self.streams)})
         elif route == "/_fake/streams":
@@ -273,6 +274,9 @@ class FakeLLM:
                                   "finished": s.finished, "client_closed": s.client_closed,
                                   "chunks_sent": s.chunks_sent}
                                  for s in self.streams[-100:]])
+        elif route == "/_fake/requests":  # what it received: e.g. the system prompt a server sent
+            conn.send_json(200, [{"path": r["path"], "body": r["body"]}
+                                 for r in self.requests[-20:]])
         elif route == "/_fake/script":
             self.script(json.loads(raw_body))
             conn.send_json(200, {"queued": len(self.scripts)})
@@ -400,9 +404,10 @@ class FakeLLM:
                 conn.write(event(b"[DONE]") + b"0\r\n\r\n")
                 stream.finished = True
                 return True
-            conn.write(chunk(delta))
+            last = n == len(deltas) - 1 and plan.get("finish_in_last_delta")
+            conn.write(chunk(delta, finish_reason if last else None))
             stream.chunks_sent += 1
-        if not plan.get("only_done"):
+        if not plan.get("only_done") and not plan.get("finish_in_last_delta"):
             conn.write(chunk({}, finish_reason))
         if not plan.get("no_done"):
             conn.write(event(b"[DONE]"))

@@ -347,6 +347,31 @@ def test_a_round_that_only_calls_a_tool_sends_nothing_before_the_filler(advanced
     assert not any("tool_calls" in e["choices"][0]["delta"] for e in events)
 
 
+def test_a_finish_reason_riding_on_the_last_tool_fragment_is_held_back(advanced, fake):
+    def respond(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"text": "Nine."}
+        return {"tool_calls": [{"name": "local_time", "arguments": "{}"}],
+                "finish_in_last_delta": True}
+
+    fake.responder = respond
+    events, done = read_sse(post_chat(advanced, phone_call("What time is it?")))
+    assert done and streamed_text(events) == "One moment while I check that. Nine."
+    finishes = [e["choices"][0]["finish_reason"] for e in events
+                if e["choices"][0]["finish_reason"]]
+    assert finishes == ["stop"], "no tool_calls finish before the second round"
+
+
+def test_stream_false_with_both_kinds_of_tool_sends_vapis_alone(advanced, fake):
+    fake.script({"tool_calls": [{"name": "local_time", "arguments": "{}"},
+                                {"name": "endCall", "arguments": "{}"}]})
+    body = {**load_fixture("with-vapi-tools.json"), "stream": False}
+    response = post_chat(advanced, body)
+    choice = response.json()["choices"][0]
+    assert [call["function"]["name"] for call in choice["message"]["tool_calls"]] == ["endCall"]
+    assert choice["finish_reason"] == "tool_calls" and len(fake.chat_bodies()) == 1
+
+
 def test_stream_false_runs_the_same_tool_rounds(advanced, fake):
     fake.responder = tool_then_answer("local_time", "{}", "It is nine.")
     body = {**phone_call("What time is it?"), "stream": False}

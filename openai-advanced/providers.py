@@ -1,0 +1,150 @@
+"""A second provider before the first word: fall back when the first fails, hedge when it is slow.
+
+With FALLBACK_BASE_URL set, each round's request goes to the primary provider as usual. If the
+primary fails before its first token (unreachable, any error status, silence), the same request goes
+to the fallback at once. If it has produced no token — words or a tool call; a role chunk does not
+count — HEDGE_AFTER_MS after the request, the request goes to the fallback too, and whichever
+produces a token first is relayed; the other stream is closed at once, so that its provider stops
+generating and billing. Nothing reaches the caller before that first token, so a caller never hears
+two answers; after it, a failure is an error event, as without a fallback. When both fail, the
+caller gets the fallback's error.
+"""
+
+import collections
+import time
+
+import gevent
+import gevent.queue
+import openai
+
+from contract import (OPENAI_MAX_RETRIES, OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed,
+                      carries_token, complete, warm_up)
+from provider_stream import CallerHungUp, ProviderStream
+
+
+class Providers:
+    """Where a round's request goes: the primary provider, and the fallback if one is set."""
+
+    def __init__(self, primary, fallback_base_url="", fallback_api_key="", fallback_model="",
+                 hedge_after_seconds=0.0):
+        self.primary, self.fallback = primary, None
+        self.fallback_model, self.hedge_after_seconds = fallback_model, hedge_after_seconds
+        if fallback_base_url:
+            self.fallback = openai.OpenAI(api_key=fallback_api_key or "not-set",
+                                          base_url=fallback_base_url,
+                                          timeout=OPENAI_TIMEOUT_SECONDS + 1,
+                                          max_retries=OPENAI_MAX_RETRIES)
+            warm_up(self.fallback)
+
+    def fallback_request(self, request):
+        return {**request, "model": self.fallback_model or request["model"]}
+
+    def stream(self, request, caller):
+        """The round's stream: a ProviderStream, or a RacedStream when there is a fallback."""
+        if self.fallback is None:
+            return ProviderStream(self.primary, request, caller)
+        return RacedStream(self, request, caller)
+
+    def create(self, request):
+        """stream: false — (the whole chat.completion, who answered); the fallback answers when
+        the primary fails. Raises the ProviderFailed of the last provider asked."""
+        try:
+            return complete(self.primary, request), "primary"
+        except ProviderFailed:
+            if self.fallback is None:
+                raise
+        return complete(self.fallback, self.fallback_request(request)), "fallback:failure"
+
+
+class RacedStream:
+    """A round's stream from the primary, or from the fallback when the primary fails or is slow
+    before its first token. Iterates and closes like a ProviderStream; `answered_by` says who
+    answered and why the fallback was asked: "primary", "fallback:failure", "fallback:hedge",
+    "primary:hedge"."""
+
+    def __init__(self, providers, request, caller):
+        self.providers, self.request, self.caller = providers, request, caller
+        self.results = gevent.queue.Queue()  # (name, item) from each racer, up to its first token
+        self.streams, self.racers, self.failures = {}, {}, {}
+        self.hedge_at = time.monotonic() + providers.hedge_after_seconds \
+            if providers.hedge_after_seconds > 0 else None
+        self.reason = None  # why the fallback was asked: "failure" or "hedge"
+        self.winner, self.buffered, self.empty = None, collections.deque(), False
+        self.start("primary", providers.primary, request)
+
+    @property
+    def answered_by(self):
+        return f"{self.winner or 'nobody'}:{self.reason}" if self.reason else "primary"
+
+    def start(self, name, client, request):
+        self.streams[name] = stream = ProviderStream(client, request, self.caller)
+        self.racers[name] = gevent.spawn(self.race, name, stream)
+
+    def race(self, name, stream):
+        """Read one stream up to its first token, handing each chunk (or failure) to `results`."""
+        try:
+            for raw, chunk in stream:
+                self.results.put((name, (raw, chunk)))
+                if carries_token(chunk):
+                    return
+            self.results.put((name, None))  # it ended without a token: an empty answer
+        except Exception as exc:  # CallerHungUp, ProviderFailed ...: the request decides
+            self.results.put((name, exc))
+
+    def ask_fallback(self, reason):
+        self.reason = reason
+        self.start("fallback", self.providers.fallback,
+                   self.providers.fallback_request(self.request))
+
+    def pick(self):
+        """Wait for the first token from either provider; returns the name of the one to relay."""
+        chunks = {"primary": [], "fallback": []}
+        while True:
+            hedging = self.hedge_at is not None and "fallback" not in self.streams
+            try:
+                name, item = self.results.get(
+                    timeout=max(0.0, self.hedge_at - time.monotonic()) if hedging else None)
+            except gevent.queue.Empty:  # no token from the primary in HEDGE_AFTER_MS
+                self.ask_fallback("hedge")
+                continue
+            if isinstance(item, CallerHungUp) or isinstance(item, Exception) and \
+                    not isinstance(item, ChatError):  # the caller went away, or a bug of ours
+                raise item
+            if isinstance(item, ChatError):  # this provider failed
+                self.failures[name] = item
+                if "fallback" not in self.streams:
+                    self.ask_fallback("failure")
+                elif len(self.failures) == 2:
+                    raise self.failures["fallback"]
+                continue  # the other one may still answer
+            chunks[name].append(item)
+            if item is None or carries_token(item[1]):
+                self.buffered.extend(chunk for chunk in chunks[name] if chunk is not None)
+                self.empty = item is None
+                return name
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.winner is None:
+            self.winner = self.pick()
+            for name in self.streams.keys() - {self.winner}:  # stop the other one at once
+                self.racers[name].kill(block=False)
+                self.streams[name].close()
+        if self.buffered:
+            return self.buffered.popleft()
+        if self.empty:
+            raise StopIteration
+        return next(self.streams[self.winner])
+
+    def close(self):
+        for name, stream in self.streams.items():
+            self.racers[name].kill(block=False)
+            stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
