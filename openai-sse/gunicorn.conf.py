@@ -4,7 +4,10 @@ Every streaming call stays open for as long as the model talks (seconds) and rel
 small chunks a second. The default `sync` worker holds one call per process and kills any request
 that outlasts `timeout`. Threads (`gthread`) work, but hundreds of them fighting over Python's GIL
 cost 1.5-2.5x the CPU per relayed chunk. gevent runs each call as a greenlet: thousands fit in one
-process, and switching between them is cheap."""
+process, and switching between them is cheap. The gevent worker also monkey-patches the standard
+library before it imports app.py; streaming depends on that (provider_stream.py), which is why
+`flask run` refuses streams and `python app.py` runs gunicorn.
+"""
 
 import os
 from pathlib import Path
