@@ -8,7 +8,6 @@ timed in the log line."""
 
 import dataclasses
 import os
-import sqlite3
 import time
 import zoneinfo
 from pathlib import Path
@@ -21,7 +20,7 @@ from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
                       OPENAI_TIMEOUT_SECONDS, ChatError, init_app, log, provider_error,
                       read_chat_request, run_with_gunicorn, sse, warm_up)
 from knowledge import Knowledge
-from memory import Memory
+from memory import MemoryUnavailable, open_memory
 from prompt import Prompt, caller_number, printable, rewrite_utterance, text_of
 from provider_stream import CallerHungUp, ProviderStream
 from tools import build_tools, server_tools_for, sort_tool_calls, tool_round_messages, with_tools
@@ -34,9 +33,8 @@ BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, a
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
+# where memory is kept (MEMORY_DATABASE_URL, MEMORY_DB_PATH) and how long: memory.py reads those
 MEMORY_ENABLED = os.getenv("MEMORY_ENABLED", "1") == "1"
-MEMORY_DB_PATH = os.getenv("MEMORY_DB_PATH") or HERE / "memory.sqlite3"
-MEMORY_RETENTION_DAYS = float(os.getenv("MEMORY_RETENTION_DAYS", "30"))
 MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
 REWRITE_ENABLED = os.getenv("REWRITE_ENABLED", "") == "1"
 REWRITE_MODEL = os.getenv("REWRITE_MODEL", "")  # empty: the turn's own model
@@ -55,7 +53,7 @@ warm_up(client)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 prompt = Prompt(HERE / "prompt.md")
 knowledge = Knowledge(KNOWLEDGE_DIR)
-memory = Memory(MEMORY_DB_PATH, MEMORY_RETENTION_DAYS) if MEMORY_ENABLED else None
+memory = open_memory() if MEMORY_ENABLED else None
 SERVER_TOOLS = build_tools(BUSINESS_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
 
 app = Flask(__name__)
@@ -266,8 +264,8 @@ def shape_request(turn):
     if memory and caller:
         try:
             earlier = memory.recall(caller, call_id(turn), MEMORY_MAX_TURNS)
-        except sqlite3.Error as exc:  # a broken memory file must not break the call
-            log.error("memory read failed: %s", exc)
+        except MemoryUnavailable:  # logged by memory.py; the call goes on without memory
+            pass
     turn.steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
     turn.steps["rounds"] = 0
 
@@ -287,8 +285,8 @@ def call_id(turn):
 
 
 def remember(turn, answer):
-    """Store a completed turn on a real thread: a SQLite write that waits for the disk would stall
-    every call this gevent worker serves. A failed write is logged; it never reaches the caller."""
+    """Store a completed turn in the background. A failed write is logged by memory.py; it never
+    reaches the caller."""
     assistant_text = answer.remembered()
     if not (memory and answer.caller and answer.user_text and assistant_text):
         return  # an empty answer is not worth remembering
@@ -296,10 +294,15 @@ def remember(turn, answer):
     def write():
         try:
             memory.remember(call_id(turn), answer.caller, answer.user_text, assistant_text)
-        except sqlite3.Error as exc:
-            log.error("memory write failed: %s", exc)
+        except MemoryUnavailable:
+            pass
 
-    gevent.get_hub().threadpool.spawn(write)
+    # SQLite waits for the disk holding the whole worker: a real thread. psycopg waits for
+    # PostgreSQL through gevent, as a socket does: a greenlet.
+    if memory.blocking:
+        gevent.get_hub().threadpool.spawn(write)
+    else:
+        gevent.spawn(write)
 
 
 if __name__ == "__main__":
