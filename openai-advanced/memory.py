@@ -159,7 +159,8 @@ class PostgresMemory:
 
         self.failed, self.unreachable = psycopg.Error, psycopg.OperationalError  # PoolTimeout too
         self.retention_seconds = retention_days * 86400
-        self.schema_ready, self.down, self.retry_at = False, False, 0.0
+        self.schema_ready = False
+        self.down, self.retry_at = False, 0.0  # after a failure: skip memory until retry_at
         # The pool logs every failed reconnection attempt; this class logs one line per outage.
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
         self.pool = ConnectionPool(
@@ -184,8 +185,10 @@ class PostgresMemory:
     def connection(self):
         """A connection from the pool, in autocommit mode; MemoryUnavailable when PostgreSQL fails.
         The table is created by the first connection that reaches the database."""
-        if time.monotonic() < self.retry_at:
-            raise MemoryUnavailable("PostgreSQL failed moments ago")
+        if self.down:
+            if time.monotonic() < self.retry_at:
+                raise MemoryUnavailable("PostgreSQL is unavailable (it failed moments ago)")
+            self.retry_at = time.monotonic() + RETRY_SECONDS  # this call tries; others skip
         try:
             with self.pool.connection() as db:
                 if not self.schema_ready:
@@ -195,8 +198,8 @@ class PostgresMemory:
                     self.schema_ready = True
                 yield db
         except self.unreachable as exc:  # down, restarting, unreachable or too slow
-            self.retry_at = time.monotonic() + RETRY_SECONDS
             self.pool.drain()  # connections made before the failure are not used again
+            self.retry_at = time.monotonic() + RETRY_SECONDS
             if not self.down:
                 self.down = True
                 log.warning("memory: PostgreSQL is unavailable, calls go on without memory "
