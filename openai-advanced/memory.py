@@ -139,7 +139,9 @@ CREATE INDEX IF NOT EXISTS turns_by_caller ON turns (caller, created_at);
 CREATE INDEX IF NOT EXISTS turns_by_age ON turns (created_at);
 """
 SCHEMA_LOCK = 7_143_001  # any constant: instances starting at once create the table one by one
-WAIT_SECONDS = 1.5  # the longest a call waits for memory: a connection, then the query
+# A call waits at most the sum of these for memory: a free connection, then the query.
+CONNECTION_WAIT_SECONDS = 0.5
+QUERY_WAIT_SECONDS = 1.0
 RETRY_SECONDS = 5  # after PostgreSQL failed, memory is skipped this long before the next try
 
 
@@ -147,8 +149,8 @@ class PostgresMemory:
     """The same turns in PostgreSQL. Each worker keeps a small pool of connections. psycopg 3.1.14
     or newer sees gevent's monkey-patching and waits for the database the way a socket does: other
     calls on the worker go on meanwhile. When PostgreSQL is down or too slow, a call waits at most
-    WAIT_SECONDS, then memory is skipped for RETRY_SECONDS without trying, with one log line when it
-    goes away and one when it is back."""
+    1.5 s, then memory is skipped for RETRY_SECONDS without trying, with one log line when it goes
+    away and one when it is back."""
 
     blocking = False  # waits for PostgreSQL let gevent run the worker's other calls
 
@@ -164,11 +166,11 @@ class PostgresMemory:
         # The pool logs every failed reconnection attempt; this class logs one line per outage.
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
         self.pool = ConnectionPool(
-            url, min_size=1, max_size=10, timeout=WAIT_SECONDS, reconnect_timeout=RETRY_SECONDS,
-            open=False, configure=self.configure, name="memory",
+            url, min_size=1, max_size=10, timeout=CONNECTION_WAIT_SECONDS,
+            reconnect_timeout=RETRY_SECONDS, open=False, configure=self.configure, name="memory",
             # connect_timeout: libpq's shortest; tcp_user_timeout: a dead network fails in time
             kwargs={"autocommit": True, "connect_timeout": 2,
-                    "tcp_user_timeout": int(WAIT_SECONDS * 1000)})
+                    "tcp_user_timeout": int(QUERY_WAIT_SECONDS * 1000)})
         self.pool.open(wait=False)  # the server starts even if PostgreSQL is down
         try:
             self.forget_older_than(self.retention_seconds)  # creates the table on first use
@@ -179,7 +181,7 @@ class PostgresMemory:
     def configure(db):
         """Each new connection: a query that waits for a lock or an overloaded server gives up in
         time."""
-        db.execute(f"SET statement_timeout = {int(WAIT_SECONDS * 1000)}")
+        db.execute(f"SET statement_timeout = {int(QUERY_WAIT_SECONDS * 1000)}")
 
     @contextmanager
     def connection(self):
