@@ -33,7 +33,7 @@ BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, a
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
-# where memory is kept (MEMORY_DATABASE_URL, MEMORY_DB_PATH) and how long: memory.py reads those
+# memory.py reads where memory is kept and for how long (MEMORY_DATABASE_URL, MEMORY_DB_PATH, ...)
 MEMORY_ENABLED = os.getenv("MEMORY_ENABLED", "1") == "1"
 MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
 REWRITE_ENABLED = os.getenv("REWRITE_ENABLED", "") == "1"
@@ -294,7 +294,7 @@ def remember(turn, answer):
     def write():
         try:
             memory.remember(call_id(turn), answer.caller, answer.user_text, assistant_text)
-        except MemoryUnavailable:
+        except MemoryUnavailable:  # logged by memory.py
             pass
 
     # SQLite waits for the disk holding the whole worker: a real thread. psycopg waits for

@@ -171,11 +171,17 @@ class PostgresMemory:
             # connect_timeout: libpq's shortest; tcp_user_timeout: a dead network fails in time
             kwargs={"autocommit": True, "connect_timeout": 2,
                     "tcp_user_timeout": int(QUERY_WAIT_SECONDS * 1000)})
-        self.pool.open(wait=False)  # the server starts even if PostgreSQL is down
-        try:
-            self.forget_older_than(self.retention_seconds)  # creates the table on first use
-        except MemoryUnavailable:
-            pass  # logged; the next call that finds PostgreSQL up creates it
+        try:  # a connection of its own at start-up, so that the log says why if it fails
+            with psycopg.connect(url, autocommit=True, connect_timeout=2) as db:
+                self.create_schema(db)
+        except psycopg.OperationalError as exc:  # the server starts anyway
+            self.went_down(exc)
+        self.pool.open(wait=False)
+        if self.schema_ready:
+            try:
+                self.forget_older_than(self.retention_seconds)
+            except MemoryUnavailable:
+                pass  # logged; the next write deletes them
 
     @staticmethod
     def configure(db):
@@ -183,10 +189,17 @@ class PostgresMemory:
         time."""
         db.execute(f"SET statement_timeout = {int(QUERY_WAIT_SECONDS * 1000)}")
 
+    def create_schema(self, db):
+        """Create the table and its indexes if they are missing, one instance at a time."""
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            db.execute(POSTGRES_SCHEMA)
+        self.schema_ready = True
+
     @contextmanager
     def connection(self):
         """A connection from the pool, in autocommit mode; MemoryUnavailable when PostgreSQL fails.
-        The table is created by the first connection that reaches the database."""
+        The table is created here if PostgreSQL was down at start-up."""
         if self.down:
             if time.monotonic() < self.retry_at:
                 raise MemoryUnavailable("PostgreSQL is unavailable (it failed moments ago)")
@@ -194,18 +207,11 @@ class PostgresMemory:
         try:
             with self.pool.connection() as db:
                 if not self.schema_ready:
-                    with db.transaction():
-                        db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                        db.execute(POSTGRES_SCHEMA)
-                    self.schema_ready = True
+                    self.create_schema(db)
                 yield db
         except self.unreachable as exc:  # down, restarting, unreachable or too slow
             self.pool.drain()  # connections made before the failure are not used again
-            self.retry_at = time.monotonic() + RETRY_SECONDS
-            if not self.down:
-                self.down = True
-                log.warning("memory: PostgreSQL is unavailable, calls go on without memory "
-                            "(next try in %d s): %s", RETRY_SECONDS, str(exc).strip())
+            self.went_down(exc)
             raise MemoryUnavailable(str(exc)) from exc
         except self.failed as exc:
             log.error("memory: PostgreSQL failed: %s", exc)
@@ -213,6 +219,14 @@ class PostgresMemory:
         if self.down:
             self.down = False
             log.info("memory: PostgreSQL is back")
+
+    def went_down(self, exc):
+        """Skip memory for RETRY_SECONDS; say so once per outage."""
+        self.retry_at = time.monotonic() + RETRY_SECONDS
+        if not self.down:
+            self.down = True
+            log.warning("memory: PostgreSQL is unavailable, calls go on without memory "
+                        "(next try in %d s): %s", RETRY_SECONDS, " ".join(str(exc).split()))
 
     def remember(self, call_id, caller, user_text, assistant_text, at=None):
         """Store one completed turn, and drop turns older than the retention limit."""
