@@ -9,6 +9,7 @@ What is stored, for privacy reviews: the call id, the caller's phone number, wha
 what the assistant answered, and when. Nothing else from Vapi's request (no metadata, no phoneNumber
 object). `python memory.py forget +15555550123` deletes everything stored about one number."""
 
+import atexit
 import logging
 import os
 import sqlite3
@@ -177,6 +178,7 @@ class PostgresMemory:
         except psycopg.OperationalError as exc:  # the server starts anyway
             self.went_down(exc)
         self.pool.open(wait=False)
+        atexit.register(self.pool.close)  # its threads end before the interpreter does
         if self.schema_ready:
             try:
                 self.forget_older_than(self.retention_seconds)
