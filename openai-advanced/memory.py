@@ -227,7 +227,7 @@ class PostgresMemory:
         self.retry_at = time.monotonic() + RETRY_SECONDS
         if not self.down:
             self.down = True
-            log.warning("memory: PostgreSQL is unavailable, calls go on without memory "
+            log.warning("memory: PostgreSQL is unavailable or too slow, calls go on without memory "
                         "(next try in %d s): %s", RETRY_SECONDS, " ".join(str(exc).split()))
 
     def remember(self, call_id, caller, user_text, assistant_text, at=None):
