@@ -169,7 +169,9 @@ class PostgresMemory:
         self.pool = ConnectionPool(
             url, min_size=1, max_size=10, timeout=CONNECTION_WAIT_SECONDS,
             reconnect_timeout=RETRY_SECONDS, open=False, configure=self.configure, name="memory",
-            # connect_timeout: libpq's shortest; tcp_user_timeout: a dead network fails in time
+            # reconnect_timeout: the pool stops retrying in the background after this long, so the
+            # next try starts afresh rather than after a long back-off. connect_timeout: libpq's
+            # shortest; tcp_user_timeout: a dead network fails in time.
             kwargs={"autocommit": True, "connect_timeout": 2,
                     "tcp_user_timeout": int(QUERY_WAIT_SECONDS * 1000)})
         try:  # a connection of its own at start-up, so that the log says why if it fails
