@@ -9,13 +9,13 @@ import threading
 import time
 import uuid
 
+import psycopg
 import pytest
 
 from conftest import (FOLDERS, ROOT, load_fixture, phone_call, post_chat, read_sse, run_at_once,
                       run_memory_command, start_postgres, streamed_text, system_prompt, wait_for)
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
-psycopg = pytest.importorskip("psycopg")  # in requirements.txt: CI always has it
 
 QUERY_WAIT_SECONDS = 1.0  # memory.py: the longest a query may wait
 MEMORY_WAIT_SECONDS = 1.5  # memory.py: the longest a call waits for PostgreSQL
