@@ -7,7 +7,6 @@ caller's words, server-side tools with a filler sentence, and an optional second
 
 import dataclasses
 import os
-import sqlite3
 import time
 import zoneinfo
 from pathlib import Path
@@ -17,10 +16,10 @@ import openai
 from flask import Flask, Response, request
 
 from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
-                      OPENAI_TIMEOUT_SECONDS, error_event, flag, init_app, log,
-                      read_chat_request, run_with_gunicorn, sse, warm_up)
+                      OPENAI_TIMEOUT_SECONDS, error_event, flag, init_app, read_chat_request,
+                      run_with_gunicorn, sse, warm_up)
 from knowledge import Knowledge
-from memory import Memory
+from memory import MemoryUnavailable, open_memory
 from prompt import Prompt, caller_number, rewrite_utterance, text_of
 from provider_stream import CallerHungUp, start_relay
 from providers import Providers
@@ -34,9 +33,8 @@ BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, a
 KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
+# memory.py reads where memory is kept and for how long (MEMORY_DATABASE_URL, MEMORY_DB_PATH, ...)
 MEMORY_ENABLED = flag("MEMORY_ENABLED", "1")
-MEMORY_DB_PATH = os.getenv("MEMORY_DB_PATH") or HERE / "memory.sqlite3"
-MEMORY_RETENTION_DAYS = float(os.getenv("MEMORY_RETENTION_DAYS", "30"))
 MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
 REWRITE_ENABLED = flag("REWRITE_ENABLED")
 REWRITE_MODEL = os.getenv("REWRITE_MODEL", "")  # empty: the turn's own model
@@ -61,7 +59,7 @@ providers = Providers(client, FALLBACK_BASE_URL, FALLBACK_API_KEY, FALLBACK_MODE
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 prompt = Prompt(HERE / "prompt.md")
 knowledge = Knowledge(KNOWLEDGE_DIR)
-memory = Memory(MEMORY_DB_PATH, MEMORY_RETENTION_DAYS) if MEMORY_ENABLED else None
+memory = open_memory() if MEMORY_ENABLED else None
 SERVER_TOOLS = build_tools(BUSINESS_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
 
 app = Flask(__name__)
@@ -263,8 +261,8 @@ def shape_request(turn):
     if memory and caller:
         try:
             earlier = memory.recall(caller, turn.call_id, MEMORY_MAX_TURNS)
-        except sqlite3.Error as exc:  # a broken memory file must not break the call
-            log.error("memory read failed: %s", exc)
+        except MemoryUnavailable:  # logged by memory.py; the call goes on without memory
+            pass
     turn.steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
 
     # The assistant's own system prompt from Vapi comes first; the server's context is appended.
@@ -278,8 +276,8 @@ def shape_request(turn):
 
 
 def remember(turn, answer):
-    """Store a completed turn on a real thread: a SQLite write that waits for the disk would stall
-    every call this gevent worker serves. A failed write is logged; it never reaches the caller."""
+    """Store a completed turn in the background. A failed write is logged by memory.py; it never
+    reaches the caller."""
     assistant_text = answer.remembered()
     if not (memory and answer.caller and answer.user_text and assistant_text):
         return  # an empty answer is not worth remembering
@@ -287,10 +285,15 @@ def remember(turn, answer):
     def write():
         try:
             memory.remember(turn.call_id, answer.caller, answer.user_text, assistant_text)
-        except sqlite3.Error as exc:
-            log.error("memory write failed: %s", exc)
+        except MemoryUnavailable:  # logged by memory.py
+            pass
 
-    gevent.get_hub().threadpool.spawn(write)
+    # SQLite waits for the disk holding the whole worker: a real thread. psycopg waits for
+    # PostgreSQL through gevent, as a socket does: a greenlet.
+    if memory.blocking:
+        gevent.get_hub().threadpool.spawn(write)
+    else:
+        gevent.spawn(write)
 
 
 if __name__ == "__main__":

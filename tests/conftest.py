@@ -1,5 +1,6 @@
 """What the tests share: the stand-in provider, the server folders running as subprocesses, and the
-helpers many tests use (read SSE, POST over a raw socket, wait for a condition, run calls at once).
+helpers many tests use (read SSE, POST over a raw socket, wait for a condition, run calls at once),
+and a throwaway PostgreSQL cluster for openai-advanced's memory.
 
 Every server runs exactly as a user runs it (`gunicorn app:app` in its folder, with its own
 gunicorn.conf.py), pointed at the stand-in provider (`fake_llm.py`) on 127.0.0.1. Servers are
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ BASE_ENV = {
     # openai-advanced
     "KNOWLEDGE_DIR": "",
     "MEMORY_ENABLED": "1",
+    "MEMORY_DATABASE_URL": "",
     "REWRITE_ENABLED": "",
     "REWRITE_MODEL": "",
     "AVAILABILITY_API_URL": "",
@@ -357,6 +360,105 @@ def copied_folders(fake, tmp_path_factory):
     copies.close()
 
 
+# --- a throwaway PostgreSQL ----------------------------------------------------------------------
+
+POSTGRES_MISSING = ("PostgreSQL server binaries (initdb, pg_ctl) are not on PATH nor under "
+                    "/usr/lib/postgresql/*/bin; Debian: apt-get install postgresql")
+
+
+def postgres_bin_dir():
+    """Where initdb and pg_ctl are: on PATH, or Debian's /usr/lib/postgresql/<version>/bin (newest
+    first); None if nowhere."""
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("pg_ctl")).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                      key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0)
+    return next((path for path in reversed(versions)
+                 if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of its own in a temporary folder: 127.0.0.1 on a free port, trust
+    authentication, no fsync. As root its programs run as the `postgres` user, which PostgreSQL
+    requires. `remove()` stops it and deletes the folder."""
+
+    def __init__(self, bin_dir):
+        self.bin_dir, self.port = bin_dir, free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="memory-postgres-"))
+        self.data, self.log_path = self.folder / "data", self.folder / "postgres.log"
+        self.user = None
+        if os.geteuid() == 0:
+            self.user = "postgres"
+            shutil.chown(self.folder, self.user)
+        try:
+            self.run("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                     "--locale=C", "--no-sync")
+            self.start()
+        except BaseException:
+            self.remove()
+            raise
+
+    def run(self, program, *args):
+        command = [str(self.bin_dir / program), *map(str, args)]
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(command)}` exited {done.returncode}:\n"
+                               f"{done.stdout}{done.stderr}")
+
+    def start(self):
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c fsync=off "
+                   f"-c unix_socket_directories={self.folder} -c max_connections=200")
+        self.run("pg_ctl", "start", "-w", "-D", self.data, "-l", self.log_path, "-o", options)
+
+    def stop(self, mode="fast"):
+        self.run("pg_ctl", "stop", "-w", "-D", self.data, "-m", mode)
+
+    def url(self, database="postgres"):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name):
+        """A new, empty database; returns its URL."""
+        import psycopg
+        with psycopg.connect(self.url(), autocommit=True) as db:
+            db.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def remove(self):
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self.stop("immediate")
+            except RuntimeError:
+                pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_postgres():
+    """A new PostgresCluster. Without PostgreSQL's binaries the test skips, saying why; in CI
+    (CI=true) it fails instead, so that CI always runs these tests."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{POSTGRES_MISSING} (CI=true: .ci/run installs them)", pytrace=False)
+        pytest.skip(POSTGRES_MISSING)
+    return PostgresCluster(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL cluster for the session; tests create their own databases in it."""
+    cluster = start_postgres()
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def memory_database(postgres):
+    """An empty database of its own for one test; returns its URL."""
+    return postgres.create_database(f"memory_{uuid.uuid4().hex}")
+
+
 # --- talking to a server --------------------------------------------------------------------------
 
 def read_sse(source):
@@ -434,6 +536,28 @@ def post_chat(server, body, path="/chat/completions", stream=None, **kwargs):
     return requests.post(server.url + path, data=data, headers=headers,
                          stream=stream if stream is not None else True,
                          timeout=kwargs.pop("timeout", 15), **kwargs)
+
+
+def phone_call(text, number=None, call_id=None):
+    """openai-advanced: a Vapi first-turn body from a given number with a given utterance."""
+    body = load_fixture("first-turn.json")
+    body["messages"][-1]["content"] = text
+    body["call"]["id"] = call_id or str(uuid.uuid4())
+    number = number or "+1555" + str(uuid.uuid4().int)[:7]
+    body["call"]["customer"]["number"] = body["customer"]["number"] = number
+    return body
+
+
+def system_prompt(fake_body):
+    return fake_body["messages"][0]["content"]
+
+
+def run_memory_command(*args, **env):
+    """`python memory.py ARGS` in openai-advanced, as a user runs it, with `env` over os.environ.
+    Returns (exit code, output)."""
+    done = subprocess.run([sys.executable, "memory.py", *args], cwd=ROOT / "openai-advanced",
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
 
 
 class FakeSchedulingAPI:

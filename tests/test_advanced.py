@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from conftest import (FOLDERS, load_fixture, open_raw_stream, post_chat, read_sse, run_at_once,
-                      streamed_text, wait_for)
+from conftest import (FOLDERS, load_fixture, open_raw_stream, phone_call, post_chat, read_sse,
+                      run_at_once, run_memory_command, streamed_text, system_prompt, wait_for)
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
 REWRITE_MARKER = "You clean up phone-call transcripts"
@@ -18,20 +18,6 @@ REWRITE_MARKER = "You clean up phone-call transcripts"
 @pytest.fixture
 def advanced(start_server, scheduling_api):
     return start_server("openai-advanced", AVAILABILITY_API_URL=scheduling_api.url)
-
-
-def phone_call(text, number=None, call_id=None):
-    """A Vapi first-turn body from a given number with a given utterance."""
-    body = load_fixture("first-turn.json")
-    body["messages"][-1]["content"] = text
-    body["call"]["id"] = call_id or str(uuid.uuid4())
-    number = number or "+1555" + str(uuid.uuid4().int)[:7]
-    body["call"]["customer"]["number"] = body["customer"]["number"] = number
-    return body
-
-
-def system_prompt(fake_body):
-    return fake_body["messages"][0]["content"]
 
 
 def memory_rows(server, **where):
@@ -158,6 +144,26 @@ def test_retention_removes_old_turns(advanced, fake):
         "older than MEMORY_RETENTION_DAYS"
     assert wait_for(lambda: memory_rows(advanced, caller=number, user_text="Hello again."))
     assert memory_rows(advanced, call_id="old-call") == [], "deleted on the next write"
+
+
+def test_forget_deletes_everything_about_one_number(advanced, fake):
+    number, other = "+15550005555", "+15550006666"
+    for text, caller in (("First call.", number), ("Second call.", number), ("Mine.", other)):
+        read_sse(post_chat(advanced, phone_call(text, caller)))
+    assert wait_for(lambda: len(memory_rows(advanced, caller=number)) == 2)
+    assert wait_for(lambda: memory_rows(advanced, caller=other))
+    status, output = run_memory_command("forget", number, MEMORY_DATABASE_URL="",
+                                        MEMORY_DB_PATH=advanced.env["MEMORY_DB_PATH"])
+    assert (status, output) == (0, f"Deleted 2 turns stored for {number}.\n")
+    assert memory_rows(advanced, caller=number) == []
+    assert len(memory_rows(advanced, caller=other)) == 1, "other numbers are kept"
+    read_sse(post_chat(advanced, phone_call("Hello?", number)))
+    assert "Earlier calls" not in system_prompt(fake.chat_bodies()[-1])
+
+
+def test_the_memory_command_says_how_to_use_it():
+    status, output = run_memory_command("forget")
+    assert status == 2 and output.startswith("usage: python memory.py forget")
 
 
 # --- rewrite --------------------------------------------------------------------------------------
