@@ -22,7 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import benchmark
-from benchmark import ROOT, Target, children, closed_loop, free_port, one_call, pct
+from benchmark import (ROOT, Target, children, closed_loop, free_port, one_call, pct,
+                       sequential_ttfts)
 
 
 def start_stand_in(ttft):
@@ -63,18 +64,6 @@ def stop(process):
         process.kill()
 
 
-async def ttfts(target, calls):
-    """Milliseconds to the first words for `calls` sequential calls."""
-    results = []
-    for i in range(calls):
-        result, conn = await one_call(target, words=3, tag=f"f{i}")
-        if conn:
-            conn[1].close()
-        if result["ok"] and result["ttft"] is not None:
-            results.append(result["ttft"] * 1000)
-    return results
-
-
 async def measure(tmp):
     slow_port, slow = start_stand_in(5.0)
     fast_port, fast = start_stand_in(0.2)
@@ -89,7 +78,7 @@ async def measure(tmp):
                                                 "HEDGE_AFTER_MS": "1000"})]:
             target, process = start_advanced(tmp, slow_port, **env)
             try:
-                values = await ttfts(target, 6)
+                values = await sequential_ttfts(target, 6)
             finally:
                 stop(process)
             lines.append(f"| primary 5 s to its first token, {label} | "
