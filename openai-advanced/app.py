@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 # Configuration: what this folder adds (contract.py reads the settings every folder has)
 BUSINESS_TIMEZONE = os.getenv("BUSINESS_TIMEZONE", "America/New_York")
 BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, at start-up
-KNOWLEDGE_DIR = os.getenv("KNOWLEDGE_DIR") or HERE / "knowledge"
+KNOWLEDGE_DIR = HERE / (os.getenv("KNOWLEDGE_DIR") or "knowledge")  # relative to this folder
 KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
 KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
 # memory.py reads where memory is kept and for how long (MEMORY_DATABASE_URL, MEMORY_DB_PATH, ...)
@@ -49,13 +49,19 @@ FALLBACK_API_KEY = os.getenv("FALLBACK_API_KEY", "")
 FALLBACK_MODEL = os.getenv("FALLBACK_MODEL", "")  # empty: the turn's own model
 HEDGE_AFTER_MS = int(os.getenv("HEDGE_AFTER_MS", "1500"))  # 0: fall back on failure only
 
-# As in openai-sse. With a fallback, the primary is not retried: the fallback is asked at once.
+# "not-set": the server starts without a key and answers chat requests with an error naming it.
+# ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout: a backstop.
+# With a fallback, the primary is not retried: the fallback is asked at once instead.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
                        timeout=OPENAI_TIMEOUT_SECONDS + 1,
                        max_retries=0 if FALLBACK_BASE_URL else OPENAI_MAX_RETRIES)
 warm_up(client)
-providers = Providers(client, FALLBACK_BASE_URL, FALLBACK_API_KEY, FALLBACK_MODEL,
-                      HEDGE_AFTER_MS / 1000)
+fallback_client = openai.OpenAI(api_key=FALLBACK_API_KEY or "not-set", base_url=FALLBACK_BASE_URL,
+                                timeout=OPENAI_TIMEOUT_SECONDS + 1,
+                                max_retries=OPENAI_MAX_RETRIES) if FALLBACK_BASE_URL else None
+if fallback_client:
+    warm_up(fallback_client)
+providers = Providers(client, fallback_client, FALLBACK_MODEL, HEDGE_AFTER_MS / 1000)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 prompt = Prompt(HERE / "prompt.md")
 knowledge = Knowledge(KNOWLEDGE_DIR)
@@ -127,7 +133,8 @@ def relay_round(request, offered, turn, answer):
     Returns the held calls if the round ended with them alone and they were offered: only then,
     certain that the tools will run, does the caller hear TOOL_FILLER."""
     calls, ending, first_words = RoundCalls(answer.server_tools, answer.rounds), None, True
-    with providers.stream(request, answer.caller_socket) as provider:
+    provider = providers.stream(request, answer.caller_socket)
+    try:
         for raw, chunk in provider:
             choice = chunk["choices"][0] if chunk["choices"] else {}
             delta = sent = choice.get("delta") or {}
@@ -149,6 +156,8 @@ def relay_round(request, offered, turn, answer):
                 yield b"data: " + raw.encode() + b"\n\n"  # untouched: the provider's own bytes
             elif choice.get("finish_reason") or any(sent.get(key) for key in sent):
                 yield event(turn, {**chunk, "choices": [{**choice, "delta": sent}]}, answer)
+    finally:  # whatever happened: stop the provider's stream, and log who answered
+        provider.close()
         answered(turn, getattr(provider, "answered_by", "primary"))
     held = calls.held()
     if held and not calls.vapi_index and offered:

@@ -25,7 +25,7 @@ load_dotenv(HERE / ".env")  # for `python memory.py ...`; the server's contract.
 
 # Configuration: where memory is kept, and for how long (app.py reads MEMORY_ENABLED)
 MEMORY_DATABASE_URL = os.getenv("MEMORY_DATABASE_URL", "")  # postgresql://...; empty: the file
-MEMORY_DB_PATH = os.getenv("MEMORY_DB_PATH") or HERE / "memory.sqlite3"
+MEMORY_DB_PATH = HERE / (os.getenv("MEMORY_DB_PATH") or "memory.sqlite3")  # relative to here
 MEMORY_RETENTION_DAYS = float(os.getenv("MEMORY_RETENTION_DAYS", "30"))
 
 log = logging.getLogger("custom-llm")
@@ -176,16 +176,13 @@ class PostgresMemory:
                     "tcp_user_timeout": int(QUERY_WAIT_SECONDS * 1000)})
         try:  # a connection of its own at start-up, so that the log says why if it fails
             with psycopg.connect(url, autocommit=True, connect_timeout=2) as db:
+                self.configure(db)
                 self.create_schema(db)
+                self.drop_old_turns(db)
         except psycopg.OperationalError as exc:  # the server starts anyway
             self.went_down(exc)
         self.pool.open(wait=False)
         atexit.register(self.pool.close)  # its threads end before the interpreter does
-        if self.schema_ready:
-            try:
-                self.forget_older_than(self.retention_seconds)
-            except MemoryUnavailable:
-                pass  # logged; the next write deletes them
 
     @staticmethod
     def configure(db):
@@ -204,10 +201,11 @@ class PostgresMemory:
     def connection(self):
         """A connection from the pool, in autocommit mode; MemoryUnavailable when PostgreSQL fails.
         The table is created here if PostgreSQL was down at start-up."""
-        if self.down:
+        trying = self.down  # this call tries again after an outage; others skip meanwhile
+        if trying:
             if time.monotonic() < self.retry_at:
                 raise MemoryUnavailable("PostgreSQL is unavailable (it failed moments ago)")
-            self.retry_at = time.monotonic() + RETRY_SECONDS  # this call tries; others skip
+            self.retry_at = time.monotonic() + RETRY_SECONDS
         try:
             with self.pool.connection() as db:
                 if not self.schema_ready:
@@ -220,7 +218,7 @@ class PostgresMemory:
         except self.failed as exc:
             log.error("memory: PostgreSQL failed: %s", exc)
             raise MemoryUnavailable(str(exc)) from exc
-        if self.down:
+        if trying:
             self.down = False
             log.info("memory: PostgreSQL is back")
 
@@ -240,8 +238,12 @@ class PostgresMemory:
                        "VALUES (%s, %s, %s, %s, to_timestamp(%s))",
                        (call_id, caller, user_text.replace("\0", ""),
                         assistant_text.replace("\0", ""), at or time.time()))
-            db.execute("DELETE FROM turns WHERE created_at < to_timestamp(%s)",
-                       (time.time() - self.retention_seconds,))
+            self.drop_old_turns(db)
+
+    def drop_old_turns(self, db):
+        """Delete the turns older than MEMORY_RETENTION_DAYS."""
+        db.execute("DELETE FROM turns WHERE created_at < to_timestamp(%s)",
+                   (time.time() - self.retention_seconds,))
 
     def recall(self, caller, exclude_call_id=None, limit=5):
         """The caller's most recent turns from earlier calls, newest first: [(created_at, user,
@@ -266,6 +268,7 @@ class PostgresMemory:
                               (time.time() - seconds,)).rowcount
 
     def close(self):
+        """Close the pool's connections (the benchmark; a server closes it at exit)."""
         self.pool.close()
 
 

@@ -15,28 +15,20 @@ import time
 
 import gevent
 import gevent.queue
-import openai
 
-from contract import (OPENAI_MAX_RETRIES, OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed,
-                      carries_token, complete, warm_up)
-from provider_stream import CallerHungUp, ProviderStream
+from contract import ProviderFailed, carries_token, complete
+from provider_stream import ProviderStream
 
 
 class Providers:
     """Where a round's request goes: the primary provider, and the fallback if one is set."""
 
-    def __init__(self, primary, fallback_base_url="", fallback_api_key="", fallback_model="",
-                 hedge_after_seconds=0.0):
-        self.primary, self.fallback = primary, None
+    def __init__(self, primary, fallback, fallback_model, hedge_after_seconds):
+        self.primary, self.fallback = primary, fallback  # OpenAI clients; fallback: None or one
         self.fallback_model, self.hedge_after_seconds = fallback_model, hedge_after_seconds
-        if fallback_base_url:
-            self.fallback = openai.OpenAI(api_key=fallback_api_key or "not-set",
-                                          base_url=fallback_base_url,
-                                          timeout=OPENAI_TIMEOUT_SECONDS + 1,
-                                          max_retries=OPENAI_MAX_RETRIES)
-            warm_up(self.fallback)
 
     def fallback_request(self, request):
+        """The round's request as the fallback gets it: its own model name, when one is set."""
         return {**request, "model": self.fallback_model or request["model"]}
 
     def stream(self, request, caller):
@@ -69,14 +61,16 @@ class RacedStream:
         self.hedge_at = time.monotonic() + providers.hedge_after_seconds \
             if providers.hedge_after_seconds > 0 else None
         self.reason = None  # why the fallback was asked: "failure" or "hedge"
-        self.winner, self.buffered, self.empty = None, collections.deque(), False
+        self.winner, self.buffered = None, collections.deque()
         self.start("primary", providers.primary, request)
 
     @property
     def answered_by(self):
+        """Who answered, and why the fallback was asked: e.g. "primary", "fallback:hedge"."""
         return f"{self.winner or 'nobody'}:{self.reason}" if self.reason else "primary"
 
     def start(self, name, client, request):
+        """Send the request to one provider, and race its stream to a first token."""
         self.streams[name] = stream = ProviderStream(client, request, self.caller)
         self.racers[name] = gevent.spawn(self.race, name, stream)
 
@@ -92,6 +86,7 @@ class RacedStream:
             self.results.put((name, exc))
 
     def ask_fallback(self, reason):
+        """The primary failed ("failure") or is slow ("hedge"): ask the fallback too."""
         self.reason = reason
         self.start("fallback", self.providers.fallback,
                    self.providers.fallback_request(self.request))
@@ -107,20 +102,19 @@ class RacedStream:
             except gevent.queue.Empty:  # no token from the primary in HEDGE_AFTER_MS
                 self.ask_fallback("hedge")
                 continue
-            if isinstance(item, CallerHungUp) or isinstance(item, Exception) and \
-                    not isinstance(item, ChatError):  # the caller went away, or a bug of ours
-                raise item
-            if isinstance(item, ChatError):  # this provider failed
+            if isinstance(item, Exception) and not isinstance(item, ProviderFailed):
+                raise item  # the caller went away (CallerHungUp), or a bug of ours
+            if isinstance(item, ProviderFailed):
                 self.failures[name] = item
                 if "fallback" not in self.streams:
                     self.ask_fallback("failure")
                 elif len(self.failures) == 2:
                     raise self.failures["fallback"]
                 continue  # the other one may still answer
-            chunks[name].append(item)
-            if item is None or carries_token(item[1]):
-                self.buffered.extend(chunk for chunk in chunks[name] if chunk is not None)
-                self.empty = item is None
+            if item is not None:
+                chunks[name].append(item)
+            if item is None or carries_token(item[1]):  # a token, or an answer without one
+                self.buffered.extend(chunks[name])
                 return name
 
     def __iter__(self):
@@ -134,11 +128,10 @@ class RacedStream:
                 self.streams[name].close()
         if self.buffered:
             return self.buffered.popleft()
-        if self.empty:
-            raise StopIteration
-        return next(self.streams[self.winner])
+        return next(self.streams[self.winner])  # the winner's racer has stopped: read it here
 
     def close(self):
+        """Stop both providers' streams (a finished one is left as it is)."""
         for name, stream in self.streams.items():
             self.racers[name].kill(block=False)
             stream.close()

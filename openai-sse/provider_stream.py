@@ -147,7 +147,10 @@ def start_relay(events):
     first_event = next(events)
 
     def stream():
-        yield first_event
-        yield from events
+        try:
+            yield first_event
+            yield from events
+        finally:
+            events.close()
 
     return stream()
