@@ -143,6 +143,10 @@ class Server:
             self.log_file.flush()
         return self.log_path.read_text()
 
+    def log_lines(self, text):
+        """The lines of the log that contain `text`."""
+        return [line for line in self.log().splitlines() if text in line]
+
     def pids(self):
         """The gunicorn master and its workers."""
         return [self.process.pid] + child_pids(self.process.pid)
@@ -527,6 +531,19 @@ def run_at_once(call, arguments, seconds=60):
 def streamed_text(events):
     return "".join(choice["delta"].get("content") or ""
                    for event in events for choice in event.get("choices", []))
+
+
+def time_to_first_words(server, body):
+    """(seconds until the first words arrived, the whole text) for one streamed call."""
+    started, first, events = time.monotonic(), None, []
+    with post_chat(server, body, timeout=30) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if first is None and streamed_text(events[-1:]):
+                    first = time.monotonic() - started
+    assert first is not None, "no words in the answer"
+    return first, streamed_text(events)
 
 
 def post_chat(server, body, path="/chat/completions", stream=None, **kwargs):

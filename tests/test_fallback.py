@@ -4,11 +4,10 @@ after the first byte. Two stand-in providers: `fake` is the primary, `second` th
 import re
 import time
 
-import openai
 import pytest
 
 from conftest import (FOLDERS, free_port, load_fixture, open_raw_stream, post_chat, read_sse,
-                      streamed_text, wait_for)
+                      streamed_text, time_to_first_words, wait_for)
 from fake_llm import FakeLLM
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
@@ -37,22 +36,9 @@ def with_fallback(start_server, second, **env):
 
 
 def log_line(server, call_id):
-    assert wait_for(lambda: call_id in server.log(), 3)
-    return [line for line in server.log().splitlines() if call_id in line][-1]
-
-
-def first_token_time(server, body):
-    """(seconds to the first words, the whole text, the events) for one streamed call."""
-    started = time.monotonic()
-    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=20)
-    first, text = None, ""
-    for chunk in client.chat.completions.create(model=body["model"], messages=body["messages"],
-                                                stream=True, extra_body={"call": body["call"]}):
-        words = chunk.choices[0].delta.content if chunk.choices else None
-        if words and first is None:
-            first = time.monotonic() - started
-        text += words or ""
-    return first, text
+    """The log line of one call."""
+    assert wait_for(lambda: server.log_lines(call_id), 3)
+    return server.log_lines(call_id)[-1]
 
 
 def call(text="Are you open on Saturday?"):
@@ -136,7 +122,7 @@ def test_a_slow_primary_is_hedged(start_server, fake, second, plan):
     fake.script(plan)
     second.ttft = 0.2
     body = call()
-    first, text = first_token_time(server, body)
+    first, text = time_to_first_words(server, body)
     assert text == FALLBACK_WORDS
     assert 0.3 + 0.2 <= first < 0.3 + 0.2 + 1.0, "HEDGE_AFTER_MS plus the fallback's own time"
     [primary] = fake.streams
@@ -151,7 +137,7 @@ def test_a_primary_that_answers_after_the_hedge_but_first_wins(start_server, fak
     fake.script({"ttft": 0.6})
     second.ttft = 3
     body = call()
-    first, text = first_token_time(server, body)
+    first, text = time_to_first_words(server, body)
     assert text == "You said: Are you open on Saturday?"
     assert wait_for(lambda: second.streams and not second.streams[0].open, 2)
     assert second.streams[0].client_closed, "the fallback's stream was closed"

@@ -3,7 +3,6 @@ slow database does not stall a worker's other calls, the database can go away an
 turns are forgotten by age or by number. Every test runs on a throwaway cluster (conftest.py)."""
 
 import importlib
-import json
 import sys
 import threading
 import time
@@ -13,7 +12,8 @@ import psycopg
 import pytest
 
 from conftest import (FOLDERS, ROOT, load_fixture, phone_call, post_chat, read_sse, run_at_once,
-                      run_memory_command, start_postgres, streamed_text, system_prompt, wait_for)
+                      run_memory_command, start_postgres, streamed_text, system_prompt,
+                      time_to_first_words, wait_for)
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
 
@@ -38,20 +38,6 @@ def instance(start_server, url, name, **env):
 
 def new_number():
     return "+1555" + str(uuid.uuid4().int)[:7]
-
-
-def seconds_to_first_words(server, body):
-    """How long a streamed call waits for its first words."""
-    started = time.monotonic()
-    with post_chat(server, body) as response:
-        for line in response.iter_lines(decode_unicode=True):
-            if line.startswith("data: {") and streamed_text([json.loads(line[6:])]):
-                return time.monotonic() - started
-    raise AssertionError("no words in the answer")
-
-
-def log_lines(server, text):
-    return [line for line in server.log().splitlines() if text in line]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +164,7 @@ def test_a_slow_memory_read_does_not_stall_the_workers_other_calls(start_server,
         assert wait_for(lambda: locker.execute(
             "SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] == 1), \
             "the phone call's memory read waits for the lock"
-        first_words = [seconds_to_first_words(server, web_call) for _ in range(5)]
+        first_words = [time_to_first_words(server, web_call)[0] for _ in range(5)]
         assert waiting.is_alive(), "the phone call was still waiting for its memory read"
         waiting.join(10)
         locker.rollback()
@@ -200,7 +186,7 @@ def test_the_server_starts_and_answers_while_postgres_is_down(start_server, own_
             response = post_chat(server, phone_call(text, number))
             events, done = read_sse(response)
             assert response.status_code == 200 and done
-        assert len(log_lines(server, "PostgreSQL is unavailable")) == 1
+        assert len(server.log_lines("PostgreSQL is unavailable")) == 1
         own_postgres.start()
         time.sleep(RETRY_SECONDS)
 
@@ -209,7 +195,7 @@ def test_the_server_starts_and_answers_while_postgres_is_down(start_server, own_
             return wait_for(lambda: rows(url, caller=number), 1)
 
         assert wait_for(remembered, 10), "the table is created once PostgreSQL is reachable"
-        assert len(log_lines(server, "PostgreSQL is back")) == 1
+        assert len(server.log_lines("PostgreSQL is back")) == 1
     finally:
         server.stop()
 
@@ -243,7 +229,7 @@ def test_postgres_going_away_under_traffic_and_coming_back(start_server, own_pos
         time.sleep(2 * RETRY_SECONDS + 1)  # two retries while it is down
         during = results[down_at:]
         own_postgres.start()
-        assert wait_for(lambda: log_lines(server, "PostgreSQL is back"), 3 * RETRY_SECONDS)
+        assert wait_for(lambda: server.log_lines("PostgreSQL is back"), 3 * RETRY_SECONDS)
     finally:
         stop.set()
         for caller in callers:
@@ -253,8 +239,8 @@ def test_postgres_going_away_under_traffic_and_coming_back(start_server, own_pos
                                         for _, status, done, right in results), \
             "every call is answered, without memory while PostgreSQL is down"
         assert max(seconds for seconds, *_ in during) < MEMORY_WAIT_SECONDS + 0.5
-        assert len(log_lines(server, "PostgreSQL is unavailable")) == 1, "one line, not one a call"
-        assert len(log_lines(server, "PostgreSQL is back")) == 1
+        assert len(server.log_lines("PostgreSQL is unavailable")) == 1, "one line, not one a call"
+        assert len(server.log_lines("PostgreSQL is back")) == 1
         assert "Traceback" not in server.log()
         assert server.pids() == workers, "no worker was stuck and restarted"
         later = phone_call("After.", number)
