@@ -5,8 +5,6 @@ caller hears nothing until the model's last word (`openai-sse/` relays it word b
 settings, request checks, errors and the log line are in contract.py.
 """
 
-import time
-
 import openai
 from flask import Flask, Response
 
@@ -31,9 +29,8 @@ def chat_completions():
     """Vapi's turn: ask the provider for the whole answer, then send it as SSE or JSON."""
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     completion = complete(client, turn.upstream)  # client.chat.completions.create(...), checked
-    turn.first_token_at = time.perf_counter()
+    turn.completed(completion)  # for the log line: when, and whether it had words
     if not turn.stream:
-        turn.chunks = 1
         return completion.to_dict()
     events = list(completion_as_sse(completion))
     turn.chunks = len(events) - 1

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ OPENAI_BASE_URL = os.getenv("OPENAI_BASE_URL") or None  # None: api.openai.com
 OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model name Vapi sends
 OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # longest silence
 OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
+OPENAI_REASONING_EFFORT = os.getenv("OPENAI_REASONING_EFFORT", "")  # empty: not sent
 CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
 MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
 LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
@@ -48,6 +50,15 @@ FORWARDED_PARAMS = ("messages", "temperature", "top_p", "max_tokens", "max_compl
                     "tool_choice", "parallel_tool_calls", "response_format", "user")
 # The keys a message may carry; Vapi adds others (transcriber `metadata`) that OpenAI rejects.
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
+# OpenAI's reasoning models, the GPT-5 family and the o-series (also as "openai/gpt-5-mini"),
+# refuse `max_tokens` (they take `max_completion_tokens`) and any `temperature` or `top_p` but 1;
+# Vapi sends both on every turn. https://platform.openai.com/docs/guides/reasoning
+REASONING_MODEL = re.compile(r"(?:^|/)(?:gpt-5|o[134])(?:$|[-.])", re.IGNORECASE)
+# A parameter a provider refuses with OpenAI's error, sent again at once without it (or under the
+# name the error says to use instead), and never again to that model by this worker.
+OPTIONAL_PARAMS = {*FORWARDED_PARAMS, "reasoning_effort"} - {"messages", "tools"}
+REFUSAL_CODES = ("unsupported_parameter", "unsupported_value")
+refused = {}  # (provider URL, model) -> {parameter: the name to send it under, or None}
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client: a line per request
@@ -83,6 +94,7 @@ class Turn:
     stream: bool | None = None
     call_id: str = "-"
     first_token_at: float | None = None
+    finish_reason: str | None = None  # the provider's last one
     chunks: int = 0
     steps: dict = dataclasses.field(default_factory=dict)  # more `name=value` for the log line
 
@@ -91,6 +103,27 @@ class Turn:
         self.chunks += 1
         if self.first_token_at is None and carries_token(chunk):
             self.first_token_at = time.perf_counter()
+        self.finish_reason = next((choice["finish_reason"] for choice in chunk["choices"]
+                                   if isinstance(choice, dict) and choice.get("finish_reason")),
+                                  self.finish_reason)
+
+    def completed(self, completion):
+        """Note a whole answer (stream: false, or basic's): its time, and whether it had words."""
+        self.chunks = 1
+        if has_words(completion):
+            self.first_token_at = time.perf_counter()
+        self.ended(completion.choices[0].finish_reason)
+
+    def ended(self, finish_reason=None):
+        """The provider's answer is complete. One without words is silence for the caller: the log
+        line says why, and a budget used up by reasoning names the fix."""
+        if self.first_token_at is not None:
+            return
+        reason = self.steps["no_words"] = finish_reason or self.finish_reason or "empty"
+        if reason == "length":
+            log.warning("model %r used its whole token budget before saying a word: raise the "
+                        "assistant's Max Tokens in Vapi, or lower OPENAI_REASONING_EFFORT",
+                        self.upstream["model"])
 
 
 def carries_token(chunk):
@@ -98,6 +131,13 @@ def carries_token(chunk):
     return any(isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
                and (choice["delta"].get("content") or choice["delta"].get("tool_calls"))
                for choice in chunk["choices"])
+
+
+def has_words(completion):
+    """Whether a whole answer says something or calls a tool (one whose token budget went on
+    reasoning does not: finish_reason "length", no content)."""
+    message = completion.choices[0].message
+    return bool(message.content or message.tool_calls)
 
 
 def read_chat_request():
@@ -177,10 +217,62 @@ def provider_error(exc):
                           "provider_error", code="provider_unavailable")
 
 
+def for_model(client, request):
+    """The request as this provider's model takes it: OPENAI_REASONING_EFFORT, the rules of OpenAI's
+    reasoning models, then what the model refused before. Every other model gets it as it is."""
+    request = dict(request)
+    if OPENAI_REASONING_EFFORT:
+        request["reasoning_effort"] = OPENAI_REASONING_EFFORT
+    if REASONING_MODEL.search(request["model"]):
+        rename(request, "max_tokens", "max_completion_tokens")
+        for name in ("temperature", "top_p"):
+            if request.get(name, 1) != 1:
+                del request[name]
+    for name, new_name in refused.get((str(client.base_url), request["model"]), {}).items():
+        rename(request, name, new_name)
+    return request
+
+
+def rename(request, name, new_name):
+    """Send a parameter under another name (new_name None: leave it out)."""
+    value = request.pop(name, None)
+    if value is not None and new_name and new_name not in request:
+        request[new_name] = value
+
+
+def learned_refusal(client, request, exc):
+    """Whether `exc` (a 400) is the provider refusing one optional parameter of `request` with
+    OpenAI's error (code unsupported_parameter or unsupported_value); if so, it is remembered for
+    the model (once, with a WARNING), so that the request can go again at once without it."""
+    error = exc.body if isinstance(exc.body, dict) else {}
+    name, learned = error.get("param"), refused.setdefault((str(client.base_url),
+                                                            request["model"]), {})
+    if error.get("code") not in REFUSAL_CODES or name not in OPTIONAL_PARAMS \
+            or name not in request or name in learned:
+        return False
+    instead = re.search(r"[Uu]se '(\w+)' instead", str(error.get("message")))
+    learned[name] = new_name = instead[1] if instead and instead[1] in OPTIONAL_PARAMS else None
+    log.warning("model %r refuses %r (%s): sent %s from now on", request["model"], name,
+                error["code"], f"as {new_name!r}" if new_name else "without it")
+    return True
+
+
+def ask(client, request, send):
+    """send(request) as the provider's model takes it; once more at once for each parameter it
+    refuses. Raises what send raises (every other 400 included: never retried)."""
+    while True:
+        sent = for_model(client, request)
+        try:
+            return send(sent)
+        except openai.BadRequestError as exc:
+            if not learned_refusal(client, sent, exc):
+                raise
+
+
 def complete(client, request):
     """The provider's whole answer, a chat.completion (stream: false); raises ProviderFailed."""
     try:
-        completion = client.chat.completions.create(**request)
+        completion = ask(client, request, lambda sent: client.chat.completions.create(**sent))
     except (openai.OpenAIError, ValueError) as exc:  # ValueError: the provider sent broken JSON
         raise provider_error(exc) from exc
     if not completion.choices:

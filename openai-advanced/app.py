@@ -83,7 +83,7 @@ def chat_completions():
     if not turn.stream:
         for _ in tool_loop(turn, answer, fetch_round):
             pass  # fetch_round sends nothing on the way
-        turn.first_token_at, turn.chunks = time.perf_counter(), 1
+        turn.completed(answer.completion)
         remember(turn, answer)
         return answer.completion.to_dict()
 
@@ -109,6 +109,7 @@ def relay(turn, answer):
         yield error_event(exc)
         yield b"data: [DONE]\n\n"
         return
+    turn.ended()  # an answer without words is named in the log line
     yield b"data: [DONE]\n\n"
     remember(turn, answer)  # only a whole answer, heard to the end
 

@@ -7,9 +7,8 @@ import re
 import string
 
 import gevent
-import openai
 
-from contract import log
+from contract import ProviderFailed, complete, log
 
 SECTION = re.compile(r"^<!-- \$(\w+).*?-->\n", re.MULTILINE | re.DOTALL)
 
@@ -71,11 +70,11 @@ def rewrite_utterance(client, prompt, model, messages, budget_seconds):
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:
         with gevent.Timeout(budget_seconds):  # a hard limit on the whole call, retries included
-            completion = client.with_options(timeout=budget_seconds, max_retries=0) \
-                .chat.completions.create(model=model, max_tokens=120, temperature=0, messages=[
+            completion = complete(client.with_options(timeout=budget_seconds, max_retries=0), {
+                "model": model, "max_tokens": 120, "temperature": 0, "messages": [
                     {"role": "system", "content": prompt.section("rewrite")},
-                    {"role": "user", "content": transcript}])
+                    {"role": "user", "content": transcript}]})
         return (completion.choices[0].message.content or "").strip() or None
-    except (gevent.Timeout, openai.OpenAIError, ValueError, IndexError) as exc:
+    except (gevent.Timeout, ProviderFailed) as exc:
         log.info("rewrite skipped: %s", type(exc).__name__)
         return None

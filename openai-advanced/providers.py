@@ -1,13 +1,13 @@
 """A second provider before the first word: fall back when the first fails, hedge when it is slow.
 
 With FALLBACK_BASE_URL set, each round's request goes to the primary provider as usual. If the
-primary fails before its first token (unreachable, any error status, silence), the same request goes
-to the fallback at once. If it has produced no token — words or a tool call; a role chunk does not
-count — HEDGE_AFTER_MS after the request, the request goes to the fallback too, and whichever
-produces a token first is relayed; the other stream is closed at once, so that its provider stops
-generating and billing. Nothing reaches the caller before that first token, so a caller never hears
-two answers; after it, a failure is an error event, as without a fallback. When both fail, the
-caller gets the fallback's error.
+primary fails before its first token (unreachable, any error status, silence, an answer without
+words), the same request goes to the fallback at once. If it has produced no token — words or a
+tool call; a role chunk does not count — HEDGE_AFTER_MS after the request, the request goes to the
+fallback too, and whichever produces a token first is relayed; the other stream is closed at once,
+so that its provider stops generating and billing. Nothing reaches the caller before that first
+token, so a caller never hears two answers; after it, a failure is an error event, as without a
+fallback. When both fail, the caller gets the fallback's error.
 """
 
 import collections
@@ -16,7 +16,7 @@ import time
 import gevent
 import gevent.queue
 
-from contract import ProviderFailed, carries_token, complete
+from contract import ProviderFailed, carries_token, complete, has_words
 from provider_stream import ProviderStream
 
 
@@ -41,7 +41,9 @@ class Providers:
         """stream: false — (the whole chat.completion, who answered); the fallback answers when
         the primary fails. Raises the ProviderFailed of the last provider asked."""
         try:
-            return complete(self.primary, request), "primary"
+            completion = complete(self.primary, request)
+            if self.fallback is None or has_words(completion):
+                return completion, "primary"
         except ProviderFailed:
             if self.fallback is None:
                 raise
@@ -104,6 +106,9 @@ class RacedStream:
                 continue
             if isinstance(item, Exception) and not isinstance(item, ProviderFailed):
                 raise item  # the caller went away (CallerHungUp), or a bug of ours
+            if item is None and name == "primary":  # an answer without words: a failure too
+                item = ProviderFailed(502, "The model provider ended its answer without words.",
+                                      "provider_error", code="no_words")
             if isinstance(item, ProviderFailed):
                 self.failures[name] = item
                 if "fallback" not in self.streams:

@@ -5,8 +5,6 @@ and a caller who hangs up stops the model at once (provider_stream.py). Shared s
 errors and the log line are in contract.py.
 """
 
-import time
-
 import openai
 from flask import Flask, Response, request
 
@@ -35,7 +33,7 @@ def chat_completions():
     turn = read_chat_request()  # raises ChatError (an OpenAI-shaped 4xx) for a bad request
     if not turn.stream:
         completion = complete(client, turn.upstream)  # the whole answer, as basic/ does
-        turn.first_token_at, turn.chunks = time.perf_counter(), 1
+        turn.completed(completion)
         return completion.to_dict()
 
     provider = ProviderStream(client, turn.upstream, caller=request.environ.get("gunicorn.socket"))
@@ -56,6 +54,7 @@ def relay(turn, provider):
             for raw, chunk in provider:
                 turn.relayed(chunk)
                 yield b"data: " + raw.encode() + b"\n\n"  # the provider's own bytes, not re-encoded
+            turn.ended()  # an answer without words is named in the log line
         except CallerHungUp:
             if not turn.chunks:
                 raise

@@ -45,6 +45,7 @@ BASE_ENV = {
     "CUSTOM_LLM_API_KEY": "",
     "OPENAI_TIMEOUT_SECONDS": "3",
     "OPENAI_MAX_RETRIES": "0",
+    "OPENAI_REASONING_EFFORT": "",
     "LOG_LEVEL": "INFO",
     "FLASK_DEBUG": "",
     "WEB_CONCURRENCY": "1",
@@ -67,7 +68,7 @@ BASE_ENV = {
 OPENAI_PARAMS = {"model", "messages", "stream", "temperature", "top_p", "max_tokens",
                  "max_completion_tokens", "stop", "seed", "presence_penalty", "frequency_penalty",
                  "logit_bias", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-                 "user"}
+                 "user", "reasoning_effort"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "function_call"}
 
 
@@ -563,6 +564,15 @@ def phone_call(text, number=None, call_id=None):
     number = number or "+1555" + str(uuid.uuid4().int)[:7]
     body["call"]["customer"]["number"] = body["customer"]["number"] = number
     return body
+
+
+def tool_then_answer(name, arguments, answer="We have 9:30 or 2 pm open on Tuesday."):
+    """Provider script: call the tool, then answer in words once its result is in the messages."""
+    def respond(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"text": answer}
+        return {"tool_calls": [{"name": name, "arguments": arguments}]}
+    return respond
 
 
 def system_prompt(fake_body):

@@ -24,6 +24,11 @@ request (`fake.script(...)` or `fake.responder = ...`) with a dict of these keys
     finish_reason        overrides "stop" / "tool_calls"
     finish_in_last_delta the finish_reason rides on the last delta, not a chunk of its own
 
+Model names get OpenAI's parameter rules: a reasoning model (gpt-5..., o1 / o3 / o4-mini) refuses
+`max_tokens` and a `temperature` other than 1 with OpenAI's exact errors, and answers with no words
+(finish_reason "length") when its reasoning effort uses up `max_completion_tokens`.
+`fake.refusals = {model: {parameter: name to use instead, or None}}` makes any model refuse more.
+
 It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it
 records every request it received (`fake.requests`) and every response it streamed (`fake.streams`),
 and notices the moment a client closes a connection early.
@@ -33,6 +38,7 @@ import argparse
 import asyncio
 import collections
 import json
+import re
 import threading
 import time
 
@@ -46,6 +52,66 @@ KNOWN_PARAMS = {
     "response_format", "service_tier", "store", "metadata", "reasoning_effort", "modalities",
     "prediction", "audio",
 }
+
+
+# OpenAI's reasoning models (the GPT-5 family, o1 / o3 / o4-mini, also as "openai/gpt-5") refuse
+# `max_tokens` and a `temperature` or `top_p` other than 1, with the errors OpenAI sends, and take
+# only their own generation's `reasoning_effort` values. Their reasoning tokens count against
+# `max_completion_tokens`: when the effort's reasoning uses the whole budget, the answer is empty,
+# with finish_reason "length", as OpenAI's is. OpenAI's other models (gpt-4o, gpt-4.1 ...) refuse
+# `reasoning_effort`. https://platform.openai.com/docs/guides/reasoning
+REASONING_MODEL = re.compile(r"(?:^|/)(?:gpt-5|o[134])(?:$|[-.])", re.IGNORECASE)
+REASONING_TOKENS = {"none": 0, "minimal": 16, "low": 150, "medium": 600, "high": 2000}
+
+
+def efforts(model):
+    """(the default reasoning_effort, the values the model takes) of a reasoning model."""
+    if re.search(r"gpt-5\.\d", model):  # gpt-5.1 and later
+        return "none", ("none", "low", "medium", "high")
+    if "gpt-5" in model:
+        return "medium", ("minimal", "low", "medium", "high")
+    return "medium", ("low", "medium", "high")  # the o-series
+
+
+def refusal(body, refusals):
+    """OpenAI's 400 body for a parameter the model does not take, or None. `refusals`: more, for
+    other models ({model: {parameter: the name to use instead, or None}})."""
+    model = str(body.get("model"))
+    for name, instead in refusals.get(model, {}).items():
+        if name in body:
+            use = f" Use '{instead}' instead." if instead else ""
+            return error_body(f"Unsupported parameter: '{name}' is not supported with this model."
+                              f"{use}", code="unsupported_parameter", param=name)
+    if not REASONING_MODEL.search(model):
+        if model.startswith("gpt-") and "reasoning_effort" in body:
+            return error_body("Unsupported parameter: 'reasoning_effort' is not supported with "
+                              "this model.", code="unsupported_parameter", param="reasoning_effort")
+        return None
+    if "max_tokens" in body:
+        return error_body("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                          "Use 'max_completion_tokens' instead.", code="unsupported_parameter",
+                          param="max_tokens")
+    for name in ("temperature", "top_p"):
+        if body.get(name, 1) != 1:
+            return error_body(f"Unsupported value: '{name}' does not support {body[name]} with "
+                              "this model. Only the default (1) value is supported.",
+                              code="unsupported_value", param=name)
+    default, allowed = efforts(model)
+    if body.get("reasoning_effort", default) not in allowed:
+        listed = ", ".join(f"'{value}'" for value in allowed[:-1]) + f", and '{allowed[-1]}'"
+        return error_body(f"Unsupported value: 'reasoning_effort' does not support "
+                          f"'{body['reasoning_effort']}' with this model. Supported values are: "
+                          f"{listed}.", code="unsupported_value", param="reasoning_effort")
+    return None
+
+
+def reasoning_used_the_budget(body):
+    """Whether a reasoning model's thinking at this effort leaves no tokens for words."""
+    model = str(body.get("model"))
+    if not REASONING_MODEL.search(model) or "max_completion_tokens" not in body:
+        return False
+    effort = body.get("reasoning_effort") or efforts(model)[0]
+    return body["max_completion_tokens"] <= REASONING_TOKENS[effort]
 
 
 class Stream:
@@ -152,6 +218,7 @@ class FakeLLM:
         self.streams = []               # every response to a chat request, as Stream objects
         self.scripts = collections.deque()
         self.responder = None           # optional function(body) -> script dict or None
+        self.refusals = {}              # {model: {parameter: name to use instead, or None}}
         self.loop = None
         self._server = None
         self._ids = 0
@@ -171,6 +238,7 @@ class FakeLLM:
         self.streams.clear()
         self.scripts.clear()
         self.responder = None
+        self.refusals = {}
         self.ttft = self.token_delay = 0.0
 
     def open_streams(self):
@@ -251,8 +319,14 @@ class FakeLLM:
             conn.send_json(400, error_body("'messages' must be a non-empty array",
                                            param="messages"))
             return True
+        refused = refusal(body, self.refusals)
+        if refused:
+            conn.send_json(400, refused)
+            return True
 
         plan = self._plan_for(body)
+        if reasoning_used_the_budget(body):
+            plan.update(tokens=[], text="", tool_calls=None, finish_reason="length")
         stream = Stream(body)
         conn.stream = stream
         self.streams.append(stream)

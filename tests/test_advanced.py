@@ -9,7 +9,8 @@ import uuid
 import pytest
 
 from conftest import (FOLDERS, load_fixture, open_raw_stream, phone_call, post_chat, read_sse,
-                      run_at_once, run_memory_command, streamed_text, system_prompt, wait_for)
+                      run_at_once, run_memory_command, streamed_text, system_prompt,
+                      tool_then_answer, wait_for)
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
 REWRITE_MARKER = "You clean up phone-call transcripts"
@@ -211,15 +212,6 @@ def test_rewrite_never_touches_a_tool_turn(start_server, fake):
 
 
 # --- server-side tools ----------------------------------------------------------------------------
-
-def tool_then_answer(name, arguments, answer="We have 9:30 or 2 pm open on Tuesday."):
-    """Provider script: call the tool, then answer in words once its result is in the messages."""
-    def respond(body):
-        if body["messages"][-1]["role"] == "tool":
-            return {"text": answer}
-        return {"tool_calls": [{"name": name, "arguments": arguments}]}
-    return respond
-
 
 def test_server_tool_round_trip(advanced, fake, scheduling_api):
     fake.responder = tool_then_answer("open_slots", '{"date": "2026-01-06"}')

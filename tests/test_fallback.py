@@ -183,3 +183,37 @@ def test_without_a_fallback_nothing_changes(start_server, fake, second):
     body = call()
     read_sse(post_chat(server, body))
     assert second.requests == [] and "provider=" not in log_line(server, body["call"]["id"])
+
+
+# --- answers without words, and parameters the fallback refuses -----------------------------------
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "stream-false"])
+def test_an_answer_without_words_gets_the_fallbacks_answer(start_server, fake, second, stream):
+    server = with_fallback(start_server, second, HEDGE_AFTER_MS="0")
+    body = {**call(), "model": "gpt-5-mini", "stream": stream}  # medium effort: 250 is too few
+    response = post_chat(server, body)
+    if stream:
+        events, done = read_sse(response)
+        assert done and streamed_text(events) == FALLBACK_WORDS
+    else:
+        assert response.json()["choices"][0]["message"]["content"] == FALLBACK_WORDS
+    [primary] = fake.chat_bodies()
+    assert primary["max_completion_tokens"] == 250, "the primary answered, with no words"
+    assert len(second.chat_bodies()) == 1
+    assert "provider=fallback:failure" in log_line(server, body["call"]["id"])
+
+
+def test_a_parameter_the_fallback_refuses_is_learned_there_too(start_server, fake, second):
+    server = start_server("openai-advanced", FALLBACK_BASE_URL=second.base_url,
+                          FALLBACK_API_KEY="sk-fallback-key", HEDGE_AFTER_MS="0")
+    model = f"shared-model-{time.monotonic_ns()}"  # the fallback gets the turn's own model name
+    second.refusals = {model: {"temperature": None}}
+    for turn in range(2):
+        fake.script({"status": 503})
+        second.requests.clear()
+        events, done = read_sse(post_chat(server, {**call(), "model": model}))
+        assert done and streamed_text(events) == FALLBACK_WORDS
+        sent = second.chat_bodies()
+        assert len(sent) == (2 if turn == 0 else 1) and "temperature" not in sent[-1]
+    assert [request["temperature"] for request in fake.chat_bodies()] == [0.5, 0.5], \
+        "the primary did not refuse it: it keeps getting it"
