@@ -27,6 +27,7 @@ HAN_AND_KANA = ("\u3005-\u3007\u3041-\u3096\u309d-\u309f\u30a1-\u30fa\u30fc-\u30
                 "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f")
 HANGUL = "\u1100-\u11ff\u3131-\u318e\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff"
 PAIRED_RUN = re.compile(f"[{HAN_AND_KANA}]+|[{HANGUL}]+")
+HIRAGANA = re.compile("[\u3041-\u309f]")
 # The pairs of a question that are grammar, not its subject, as STOPWORDS are: a pair that starts
 # with hiragana (Japanese endings and particles: です, ます, は使), a pair with a particle or a
 # Chinese function character in it, and the pairs below: katakana -ing and -tion, Korean endings
@@ -58,7 +59,7 @@ def character_pairs(run):
 
 def is_grammar(pair):
     """Whether a CJK pair of the question is grammar (a particle, an ending), not its subject."""
-    return (pair in STOP_PAIRS or "\u3041" <= pair[0] <= "\u309f"
+    return (pair in STOP_PAIRS or HIRAGANA.match(pair) is not None
             or not STOP_CHARACTERS.isdisjoint(pair))
 
 

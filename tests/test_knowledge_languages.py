@@ -1,9 +1,12 @@
 """openai-advanced's knowledge in Japanese, Chinese and Korean as well as English and German: the
 question finds the passage that answers it, and a question the documents do not cover finds none."""
 
+import time
+
 import pytest
 
-from conftest import FIXTURES, FOLDERS, phone_call, post_chat, read_sse, system_prompt
+from conftest import (FIXTURES, FOLDERS, phone_call, post_chat, read_sse, system_prompt,
+                      wait_for)
 
 pytestmark = pytest.mark.skipif("openai-advanced" not in FOLDERS, reason="no folder yet")
 KNOWLEDGE = "Clinic information for this question:"  # the heading prompt.md puts above the passages
@@ -81,3 +84,18 @@ def test_a_question_the_documents_do_not_cover_gets_no_passage(clinic, fake, que
         "ko-thanks", "ko-hello"])
 def test_particles_endings_and_politeness_match_nothing(clinic, fake, question):
     assert passages_for(clinic, fake, question) == []
+
+
+def test_a_document_added_while_the_server_runs_is_searched_in_pairs(start_server, fake, tmp_path):
+    server = start_server("openai-advanced", KNOWLEDGE_DIR=str(tmp_path))
+    question = "ペットを連れて行ってもいいですか"
+    assert passages_for(server, fake, question) == []
+    document = "# 診療案内\n\n## ペット\n盲導犬以外のペットはご遠慮ください。\n"
+    (tmp_path / "pets.md").write_text(document, encoding="utf-8")
+
+    def found():
+        time.sleep(0.2)  # the folder is looked at once a second: a turn every 0.2 s is enough
+        fake.reset()
+        return passages_for(server, fake, question)
+    passages = wait_for(found, 5)
+    assert passages and passages[0].startswith("[診療案内: ペット]"), passages
