@@ -48,7 +48,8 @@ FEW_PAIRS = 3
 
 def searchable(text):
     """The text as the index and the question are both split: NFKC, every CJK run as its pairs."""
-    text = unicodedata.normalize("NFKC", text)  # also full-width ＡＢ to AB, ｶﾅ to カナ
+    # NFKC: an accent typed as a separate mark joins its letter, full-width ＡＢ is AB, ｶﾅ is カナ
+    text = unicodedata.normalize("NFKC", text)
     return PAIRED_RUN.sub(lambda run: f" {' '.join(character_pairs(run.group()))} ", text)
 
 
@@ -155,7 +156,7 @@ class Knowledge:
         words, pairs = question_terms(question)
         if not words and not pairs:
             return []
-        rowids = self.matching(words | pairs, limit if not pairs else -1)
+        rowids = self.matching(words | pairs, -1 if pairs else limit)
         if pairs:  # a passage needs one of the other words or enough of the pairs
             need = 1 if len(pairs) <= FEW_PAIRS else 2
             by_words = set(self.matching(words)) if words else set()
