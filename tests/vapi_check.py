@@ -10,6 +10,7 @@ key. A private test CA: set REQUESTS_CA_BUNDLE=ca.pem, as for any `requests` pro
 """
 
 import argparse
+import copy
 import dataclasses
 import http.client
 import json
@@ -116,7 +117,7 @@ class Run:
     def turn(self, name, mode="off", **changes):
         """A Vapi body from fixtures/. In metadataSendMode `off` (OpenAI's fields only) unless
         asked, so that each check changes one thing; a fresh call id; --model when given."""
-        body = json.loads(json.dumps(self.fixtures[name]))
+        body = copy.deepcopy(self.fixtures[name])
         if mode == "off":
             body = {key: value for key, value in body.items() if key in OPENAI_FIELDS}
         elif isinstance(body.get("call"), dict):
@@ -380,7 +381,7 @@ def check_reachable(run):
                       "but cannot reach your server", "start the server on the port ngrok "
                       "forwards to (`ngrok http 8000` for PORT=8000)")
     if answer.status in (404, 405):
-        return Result("fail", f"{answer.error()} at {run.target}{note}", "paste the base URL "
+        return Result("fail", f"POST {run.target} got {answer.error()}{note}", "paste the base URL "
                       "(Vapi appends /chat/completions); the server must answer POST there")
     if 300 <= answer.status < 400:
         return Result("fail", f"HTTP {answer.status} redirect to "
@@ -408,7 +409,7 @@ def check_auth(run):
                       "in a Vapi custom-llm credential, then pass it here with --api-key")
     if refused:
         run.blocked = "the key was refused"
-        return Result("fail", f"{run.first.error()} with `Authorization: Bearer <your key>`",
+        return Result("fail", f"the key was refused: {run.first.error()}",
                       "pass the key of the Vapi credential, the one CUSTOM_LLM_API_KEY holds "
                       "(several comma-separated keys: any of them)")
     without = exchange(run, run.turn("metadata-off.json"), authorized=False,
@@ -681,28 +682,33 @@ def main(argv=None):
         print(f"vapi_check.py reads Vapi's bodies from {FIXTURES}: {exc}", file=sys.stderr)
         return 2
     run = Run(args.url, "", args.api_key, args.model, fixtures)
-    print(f"Checking {args.url} as Vapi calls it: about {MODEL_CALLS} model calls, short answers; "
-          f"the turns that carry a call have the id {run.call_id}.",
-          file=sys.stderr if args.json else sys.stdout, flush=True)
-
-    def report(name, result):
-        if not args.json:
-            print(f"{result.status:5} {name:20} {result.detail}", flush=True)
-            if result.hint and result.status in ("warn", "fail"):
-                print(f"{'':26} fix: {result.hint}", flush=True)
-
     try:
-        run_checks(run, report)
+        return check_and_print(run, args.json)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `| head`: nobody reads the rest
         sys.stdout = open(os.devnull, "w")
         return 1
+
+
+def check_and_print(run, as_json):
+    """Run the checks, printing a line for each (or, as_json, one object at the end); returns
+    the exit code: 1 if a check failed."""
+    print(f"Checking {run.url} as Vapi calls it: about {MODEL_CALLS} model calls, short answers; "
+          f"the turns that carry a call have the id {run.call_id}.",
+          file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    def report(name, result):
+        if not as_json:
+            print(f"{result.status:5} {name:20} {result.detail}", flush=True)
+            if result.hint and result.status in ("warn", "fail"):
+                print(f"{'':26} fix: {result.hint}", flush=True)
+
+    run_checks(run, report)
     results = {name: run.results[name] for name, _ in CHECKS}
-    failed = [name for name, result in results.items() if result.status == "fail"]
-    if args.json:
-        print(json.dumps({"url": args.url, "checks": [
+    if as_json:
+        print(json.dumps({"url": run.url, "checks": [
             {"name": name, "status": result.status,
              "detail": result.detail + (f" (fix: {result.hint})" if result.hint
                                         and result.status in ("warn", "fail") else "")}
@@ -711,7 +717,7 @@ def main(argv=None):
         counts = {status: sum(r.status == status for r in results.values())
                   for status in ("pass", "warn", "fail", "skip")}
         print(", ".join(f"{count} {status}" for status, count in counts.items()))
-    return 1 if failed else 0
+    return 1 if any(result.status == "fail" for result in results.values()) else 0
 
 
 if __name__ == "__main__":
