@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FOLDERS, free_port
+import vapi_check as checker
+from conftest import FOLDERS, free_port, wait_for
 
 SCRIPT = Path(__file__).parent / "vapi_check.py"
 KEY = "vapi-secret-123"  # the key test_contract.py's servers use: the same servers serve both
@@ -49,6 +50,7 @@ def test_every_folder_passes(folder, start_server, fake):
     server = start_server(folder, CUSTOM_LLM_API_KEY=KEY)
     fake.token_delay = 0.02  # the words of an answer spread over ~0.5 s, so streaming shows
     code, checks = vapi_check(server.url, "--api-key", KEY)
+    assert wait_for(lambda: not fake.open_streams()), "the hung-up turn's provider stream closed"
     if folder == "basic":  # it waits for the whole answer by design, and the check says so
         assert flagged(checks) == {"streams_live": "warn"}, checks
         assert "basic/" in checks["streams_live"][1]
@@ -133,13 +135,18 @@ class FlawedHandler(http.server.BaseHTTPRequestHandler):
 
         words = ANSWER.split(" ")
         deltas = [{"content": word if not n else " " + word} for n, word in enumerate(words)]
+        if defect == "tool_call_without_id":  # every turn is a transfer, its id left out
+            first = {"index": 0, "type": "function",
+                     "function": {"name": "transferCall", "arguments": ""}}
+            rest = {"index": 0, "function": {"arguments": '{"destination": "+15555550188"}'}}
+            deltas = [{"content": None}, {"tool_calls": [first]}, {"tool_calls": [rest]}]
         if defect != "no_role":
             deltas[0]["role"] = "assistant"
         events = [chunk(delta) for delta in deltas]
         if defect == "no_choices":  # a usage chunk without `choices`
             events.append(event({"id": "chatcmpl-1", "object": "chat.completion.chunk",
                                  "usage": {"prompt_tokens": 9, "completion_tokens": 15}}))
-        events.append(chunk({}, "stop"))
+        events.append(chunk({}, "tool_calls" if defect == "tool_call_without_id" else "stop"))
         if defect != "no_done":
             events.append(b"data: [DONE]\n\n")
         self.send_response(200)
@@ -177,6 +184,8 @@ DEFECTS = {  # defect: what vapi_check must flag, and words its detail must cont
     "json_for_stream": ({"stream_content_type": "fail"}, "application/json"),
     "no_done": ({"stream_framing": "fail"}, "[DONE]"),
     "no_role": ({"stream_accumulates": "fail"}, "missing role for choice 0"),
+    "tool_call_without_id": ({"stream_accumulates": "fail"},
+                             "missing choices[0].tool_calls[0].id on its first fragment"),
     "no_choices": ({"stream_framing": "fail"}, "chunk.choices is not iterable"),
     "buffered": ({"streams_live": "fail"}, "holds the stream back"),
     "open": ({"auth": "fail"}, "does not check it"),
@@ -264,3 +273,44 @@ def test_https_with_a_test_ca(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def chunk(delta=None, finish=None, id_="chatcmpl-1", **choice):
+    return {"id": id_, "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish,
+                                    **choice}]}
+
+
+ROLE = {"role": "assistant", "content": ""}
+CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "endCall",
+                                                                     "arguments": ""}}
+
+
+@pytest.mark.parametrize("chunks, problem", [
+    ([chunk(ROLE), chunk({"content": "Hi"}), chunk(finish="stop")], None),
+    ([chunk(ROLE), chunk({"tool_calls": [CALL]}),
+      chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+      chunk(finish="tool_calls")], None),
+    ([], "request ended without sending any chunks"),
+    ([chunk({"content": "Hi"}), chunk(finish="stop")], "missing role for choice 0"),
+    ([chunk({"role": "user"}), chunk(finish="stop")], "role 'user' for choice 0"),
+    ([chunk(ROLE), chunk({"content": "Hi"})], "missing finish_reason for choice 0"),
+    ([chunk(ROLE), chunk(finish="stop", id_="chatcmpl-2")], "2 different ids"),
+    ([chunk(ROLE, id_=""), chunk(finish="stop", id_="")], "no chunk carries an `id`"),
+    ([{"id": "c", "choices": [{"delta": ROLE, "finish_reason": "stop"}]}],
+     "invalid choice index: None"),
+    ([chunk(ROLE), chunk({"tool_calls": [{**CALL, "index": None}]}), chunk(finish="tool_calls")],
+     "invalid tool call index: None"),
+    ([chunk(ROLE), chunk({"tool_calls": [{**CALL, "function": {"arguments": "{}"}}]}),
+      chunk(finish="tool_calls")], "missing choices[0].tool_calls[0].function.name"),
+    ([chunk(ROLE), chunk({"tool_calls": [{**CALL, "type": None}]}), chunk(finish="tool_calls")],
+     "missing choices[0].tool_calls[0].type"),
+    ([chunk(ROLE), chunk({"tool_calls": {"index": 0}}), chunk(finish="tool_calls")],
+     "tool_calls is not a list"),
+    ([{"id": "c", "choices": []}], "no chunk carries a choice"),
+])
+def test_the_stream_accumulator_rules(chunks, problem):
+    """The rules of the OpenAI Node SDK's accumulator, one broken at a time (the servers with a
+    defect above reach the same code through HTTP)."""
+    problems = checker.accumulate(chunks)
+    assert problems == [] if problem is None else problem in "; ".join(problems), problems
+

@@ -230,7 +230,7 @@ def exchange(run, body, authorized=True, hang_up_after_first_word=False):
         with response:  # leaving it closes the connection: a hang-up, as Vapi's barge-in does
             for at, line in read_lines(response, sent):
                 answer.lines.append((at, line))
-                if hang_up_after_first_word and line.startswith("data:") and words_in(line[5:]):
+                if hang_up_after_first_word and line.startswith("data:") and any(spoken(line[5:])):
                     break
     except BrokeOff as exc:
         answer.broke_off = str(exc)
@@ -275,22 +275,20 @@ def chunks_of(answer):
     return chunks
 
 
-def words_in(data):
-    """The words (or a tool call) in one chunk's JSON, as text; "" if none."""
+def spoken(data):
+    """What one event gives the caller: (its words, "" if none; whether it carries a tool call)."""
     try:
         chunk = json.loads(data)
     except ValueError:
-        return ""
-    text = ""
+        return "", False
+    text, tool_call = "", False
     choices = chunk.get("choices") if isinstance(chunk, dict) else None
     for choice in choices if isinstance(choices, list) else []:
         delta = choice.get("delta") if isinstance(choice, dict) else None
         if isinstance(delta, dict):
-            if isinstance(delta.get("content"), str):
-                text += delta["content"]
-            if delta.get("tool_calls"):
-                text += " (a tool call) "
-    return text if text.strip() else ""
+            text += delta["content"] if isinstance(delta.get("content"), str) else ""
+            tool_call = tool_call or bool(delta.get("tool_calls"))
+    return text if text.strip() else "", tool_call
 
 
 def answered(answer):
@@ -498,24 +496,28 @@ def check_stream_accumulates(run):
                   f"{finish[-1]!r}")
 
 
-def word_times(run):
-    """(seconds, words) for each event of the first turn that carries words."""
-    return [(at, words_in(data)) for at, _, data in sse_events(run.first.lines)[0]
-            if data != "[DONE]" and words_in(data)]
+def output_times(run, tool_calls):
+    """(seconds, words) for each event of the first turn that carries words (or a tool call)."""
+    times = []
+    for at, _, data in sse_events(run.first.lines)[0]:
+        text, tool_call = spoken(data)
+        if text or (tool_call and tool_calls):
+            times.append((at, text))
+    return times
 
 
 def check_streams_live(run):
     """The words arrive spread over the answer's time, not released together at the end."""
     if run.results["stream_content_type"].status == "fail":
         return Result("skip", "no stream to time")
-    spoken = word_times(run)
-    count = len("".join(text for _, text in spoken).split())
+    words = output_times(run, tool_calls=False)
+    count = len("".join(text for _, text in words).split())
     if count < 3:
         return Result("skip", f"the answer is too short to judge ({count} words)")
-    first, last = spoken[0][0], spoken[-1][0]
+    first, last = words[0][0], words[-1][0]
     together = last - first < max(0.05, 0.1 * last)  # within 50 ms, or a tenth of the answer
     if not together:
-        return Result("pass", f"{count} words in {len(spoken)} events over {last - first:.2f} s, "
+        return Result("pass", f"{count} words in {len(words)} events over {last - first:.2f} s, "
                       f"the first after {first:.2f} s")
     if first - run.first.headers_at > max(0.25, 0.5 * first):
         return Result("fail", f"the headers came after {run.first.headers_at:.2f} s, then all "
@@ -532,11 +534,11 @@ def check_first_token(run):
     """Time to the first word from here: warn above 1.5 s, fail past Vapi's 20 s."""
     if run.results["stream_content_type"].status == "fail":
         return Result("skip", "no stream to time")
-    spoken = word_times(run)
-    if not spoken:
+    output = output_times(run, tool_calls=True)
+    if not output:
         return Result("fail", "the answer carries no words and no tool call: the caller hears "
                       "nothing", "see the server's log for this turn")
-    first = spoken[0][0]
+    first = output[0][0]
     hint = ("a faster model or provider; the server near Vapi (Vapi's US region runs in AWS "
             "us-west-2; or use Vapi's EU region); fewer steps before the model")
     if first > FIRST_TOKEN_FAIL:
