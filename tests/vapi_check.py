@@ -349,9 +349,9 @@ def accumulate(chunks):
 
 
 def tool_call_problems(index, call, seen):
-    """A tool call fragment's problems. The first fragment of each call carries its id, type and
-    function.name (Vapi's docs; the SDK threw `missing choices[0].tool_calls[0].id` until mid-2026
-    releases, which now invent an id Vapi's tool result would not match)."""
+    """A tool call fragment's problems: the first fragment of each call carries its id, type and
+    function.name, as Vapi's docs describe. The SDK threw `missing choices[0].tool_calls[0].id`
+    until its mid-2026 releases, which invent an id (`call_<uuid>`) the model never issued."""
     position = call.get("index") if isinstance(call, dict) else None
     if not isinstance(position, int) or isinstance(position, bool) or position < 0:
         return [f"invalid tool call index: {position!r} (every tool call fragment needs `index`)"]
@@ -444,20 +444,21 @@ def check_stream_framing(run):
     events, strays, unended = sse_events(answer.lines)
     if run.results["stream_content_type"].status == "fail" and not events:
         return Result("skip", "no stream to read")
-    problems, done = [], False
-    for n, (_, event, data) in enumerate(events):
+    unreadable, done = [], False  # events the client cannot read
+    for n, (_, _, data) in enumerate(events):
         if data == "[DONE]":
             done = True
             break
         try:
             payload = json.loads(data)
         except ValueError:
-            problems.append(f"event {n} is not JSON: {data[:60]!r}")
+            unreadable.append(f"event {n} is not JSON: {data[:60]!r}")
             continue
         if not isinstance(payload, dict) or not (isinstance(payload.get("choices"), list)
                                                  or isinstance(payload.get("error"), dict)):
-            problems.append(f"event {n} has no `choices` list (Vapi: \"chunk.choices is not "
-                            f"iterable\"): {data[:60]!r}")
+            unreadable.append(f"event {n} has no `choices` list (Vapi: \"chunk.choices is not "
+                              f"iterable\"): {data[:60]!r}")
+    run.unreadable, problems = bool(unreadable), unreadable[:2]
     if strays:
         problems.append(f"{len(strays)} line(s) the client ignores, e.g. {strays[0][:60]!r}")
     if not done:
@@ -467,7 +468,6 @@ def check_stream_framing(run):
     if answer.broke_off:
         problems.append(f"the stream broke off: {answer.broke_off}")
     if problems:
-        run.unreadable = any("not JSON" in p or "choices" in p for p in problems)
         return Result("fail", "; ".join(problems[:3]),
                       "one JSON object with a `choices` list on each `data:` line (json.dumps it), "
                       "a blank line after each event, `data: [DONE]` at the end, errors too")
