@@ -426,8 +426,8 @@ def check_stream_content_type(run):
     if answer.status != 200:
         hint = ("read the server's log for this turn (a 500 naming OPENAI_API_KEY, a 502 or 504 "
                 "from the provider)" if answer.status >= 500 else
-                "the server rejects a plain Vapi turn (tests/fixtures/metadata-off.json): accept "
-                "it")
+                "the server rejects a plain Vapi turn (tests/fixtures/metadata-off.json); if the "
+                "error names the model, pass the model name you set in Vapi with --model")
         return Result("fail", f"the turn got {answer.error()}", hint)
     if answer.content_type == "text/event-stream":
         return Result("pass", "text/event-stream")
