@@ -155,11 +155,22 @@ def read_chat_request():
         raise ChatError(400, "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ChatError(400, "The request body must be a JSON object.")
-    call = body.get("call")
-    call_id = call.get("id") if isinstance(call, dict) else None
-    printable = isinstance(call_id, str) and call_id.isprintable()  # not '\ud800', not a newline
-    turn.call_id = call_id[:64] if printable else "-"  # web tests send none
+    # Vapi's chat and SMS channels send a `chat` object instead of `call`; web tests send neither.
+    ids = [source.get("id") for source in (body.get("call"), body.get("chat"))
+           if isinstance(source, dict)]
+    ids = [id_ for id_ in ids if isinstance(id_, str) and id_ and id_.isprintable()]  # no newline
+    turn.call_id = ids[0][:64] if ids else "-"
     messages = body.get("messages")
+    server_message = body.get("message")
+    if messages is None and isinstance(server_message, dict) and "type" in server_message:
+        # Vapi posts its server messages (status-update, end-of-call-report, ...) to an
+        # assistant's Server URL: this one was pasted there too.
+        kind = str(server_message["type"])[:64]  # repr(): no newline in the log
+        log.warning("a Vapi server message (type %r) was posted to the chat URL: set the "
+                    "assistant's Server URL to your webhook, not to this server", kind)
+        raise ChatError(400, f"This is a Vapi server message (type {kind!r}), not a chat request: "
+                        "this URL is the Custom LLM URL, not the assistant's Server URL.",
+                        param="message", code="vapi_server_message")
     if not isinstance(messages, list) or not messages:
         raise ChatError(400, "'messages' must be a non-empty list.", param="messages")
     for i, message in enumerate(messages):
@@ -183,12 +194,15 @@ def read_chat_request():
 
 
 def authorized(authorization):
-    """Check `Authorization: Bearer <CUSTOM_LLM_API_KEY>` in constant time; open without a key."""
+    """Check `Authorization: Bearer <key>` against each key of CUSTOM_LLM_API_KEY (comma-separated,
+    so a new key can be added in Vapi before the old one goes), in constant time; open without."""
     if not CUSTOM_LLM_API_KEY:
         return True
+    keys = [key.strip().encode() for key in CUSTOM_LLM_API_KEY.split(",") if key.strip()]
     scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                              CUSTOM_LLM_API_KEY.encode())
+    token = token.strip().encode()
+    matches = [hmac.compare_digest(token, key) for key in keys]  # every key, not up to a match
+    return scheme.lower() == "bearer" and any(matches)
 
 
 def reject_constant(name):

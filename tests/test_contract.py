@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import (FOLDERS, OPENAI_PARAMS, PROVIDER_KEY, free_port, load_fixture, post_chat,
-                      read_sse, streamed_text)
+                      read_sse, streamed_text, wait_for)
 
 VAPI_FIXTURES = ["first-turn.json", "metadata-destructured.json", "metadata-off.json",
                  "web-call-first-turn.json", "after-tool-call.json", "with-vapi-tools.json"]
@@ -180,6 +180,21 @@ def test_bearer_auth(folder, start_server, fake, header, status):
         assert read_sse(response)[1]
 
 
+@pytest.mark.parametrize("header, status", [
+    ("Bearer old-key-1", 200), ("Bearer new-key-2", 200), ("Bearer old-key-1, new-key-2", 401),
+    ("Bearer old-key-1,new-key-2", 401), ("Bearer ,", 401), ("Bearer new-key", 401), (None, 401),
+])
+def test_several_keys_for_rotation(folder, start_server, fake, header, status):
+    server = start_server(folder, CUSTOM_LLM_API_KEY="old-key-1, new-key-2")
+    headers = {"Authorization": header} if header else {}
+    response = post_chat(server, load_fixture("metadata-off.json"), headers=headers)
+    assert response.status_code == status
+    if status == 200:
+        assert read_sse(response)[1]
+    else:
+        assert fake.requests == []
+
+
 def test_open_endpoint_warns_once_at_start_up(server):
     assert server.log().count("CUSTOM_LLM_API_KEY is not set") == 1
 
@@ -218,6 +233,19 @@ def test_bad_input_gets_400(server, fake, body, content_type, param):
     error = assert_openai_error(response, 400)
     assert error["param"] == param
     assert fake.requests == []
+
+
+def test_a_vapi_server_message_gets_400_saying_so(folder, start_server, fake):
+    server = start_server(folder)
+    before = len(server.log())
+    body = {"message": {"type": "end-of-call-report", "call": {"id": "c-1"}, "endedReason": "x"}}
+    error = assert_openai_error(post_chat(server, body), 400)
+    assert error["code"] == "vapi_server_message" and error["param"] == "message"
+    assert "server message" in error["message"] and "'end-of-call-report'" in error["message"]
+    assert fake.requests == []
+    log = server.log()[before:]
+    warnings = [line for line in log.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "'end-of-call-report'" in warnings[0], log
 
 
 def test_body_over_the_limit_gets_413(server, fake):
@@ -296,3 +324,19 @@ def test_one_info_line_per_request_without_secrets(folder, start_server, fake):
                body["phoneNumber"]["twilioAccountSid"], "book a cleaning", "Riley", "+15555550123"]
     for secret in secrets:
         assert secret not in log
+
+
+@pytest.mark.parametrize("ids, logged", [
+    ({"chat": {"id": "chat-77"}}, "chat-77"),
+    ({"call": {"id": "call-1"}, "chat": {"id": "chat-77"}}, "call-1"),
+    ({"call": {}, "chat": {"id": "chat-77"}}, "chat-77"),
+    ({"chat": {"id": "two\nlines"}}, "-"),
+])
+def test_call_id_falls_back_to_the_chat_id(folder, start_server, fake, ids, logged):
+    server = start_server(folder)
+    before = len(server.log())
+    read_sse(post_chat(server, {**load_fixture("metadata-off.json"), **ids}))
+    lines = wait_for(lambda: [line for line in server.log()[before:].splitlines()
+                              if " INFO " in line and "call=" in line])
+    assert len(lines) == 1 and f"call={logged!r} " in lines[0], lines
+
