@@ -43,7 +43,7 @@ def idle_connection(fake):
 
 
 def turn(server, fake):
-    """One streamed turn; returns whether its provider request came on a connection opened for it."""
+    """One streamed turn; whether its provider request came on a connection opened for it."""
     events, done = read_sse(post_chat(server, load_fixture("first-turn.json")))
     assert done and streamed_text(events).startswith("You said:")
     return fake.requests[-1]["connection_request"] == 1
@@ -100,7 +100,7 @@ def test_turns_after_hang_ups_find_a_connection_open(folder, start, stand_in):
     assert wait_for(lambda: idle_connection(stand_in), 5)
     for _ in range(3):
         assert hang_up(server, stand_in) < 0.5
-        assert wait_for(lambda: idle_connection(stand_in), 2), "no connection replaced the closed one"
+        assert wait_for(lambda: idle_connection(stand_in), 2), "no connection replaced it"
         assert not turn(server, stand_in), "the turn after a hang-up waited for a connection"
 
 
