@@ -166,7 +166,7 @@ class WarmConnections:
 
     def __init__(self, client):
         self.client = client.with_options(max_retries=0, timeout=5)
-        self.refresh_after = PROVIDER_KEEPALIVE_SECONDS * 0.8
+        self.refresh_after = max(1.0, PROVIDER_KEEPALIVE_SECONDS * 0.8)  # 1 s: never a busy loop
         self.last_turn = self.last_sent = time.monotonic()
         self.wanted = 1  # connections to open now: the worker's first
         self.wake = gevent.event.Event()
