@@ -174,3 +174,20 @@ def test_connections_opened_after_many_hang_ups_are_bounded(folder, start, stand
     time.sleep(1)
     opened = [c for c in stand_in.connections if c.opened_at > hung_up_at]
     assert 1 <= len(opened) <= 8, len(opened)  # SPARE_CONNECTIONS in provider_stream.py
+
+
+@pytest.mark.skipif("openai-advanced" not in STREAMING_FOLDERS, reason="no folder yet")
+def test_both_providers_are_kept_warm_through_hedges(start, stand_in):
+    fallback = FakeLLM().start()
+    try:
+        server = start("openai-advanced", stand_in.base_url, FALLBACK_BASE_URL=fallback.base_url,
+                       FALLBACK_API_KEY="sk-fallback-key", HEDGE_AFTER_MS="300")
+        assert wait_for(lambda: idle_connection(stand_in) and idle_connection(fallback), 5)
+        for _ in range(3):
+            stand_in.script({"ttft": 2})  # hedged after 300 ms: the fallback wins
+            assert not turn(server, fallback), "the fallback's request waited for a connection"
+            assert stand_in.requests[-1]["connection_request"] > 1
+            assert wait_for(lambda: not stand_in.open_streams(), 2), "the loser is closed"
+            assert wait_for(lambda: idle_connection(stand_in), 2), "and its connection replaced"
+    finally:
+        fallback.stop()
