@@ -21,7 +21,7 @@ from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
 from knowledge import Knowledge
 from memory import MemoryUnavailable, open_memory
 from prompt import Prompt, caller_number, rewrite_utterance, text_of
-from provider_stream import CallerHungUp, start_relay
+from provider_stream import CallerHungUp, keep_warm, keepalive_http_client, start_relay
 from providers import Providers
 from tools import RoundCalls, build_tools, server_tools_for, tool_round_messages, with_tools
 
@@ -53,14 +53,14 @@ HEDGE_AFTER_MS = int(os.getenv("HEDGE_AFTER_MS", "1500"))  # 0: fall back on fai
 # ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout: a backstop.
 # With a fallback, the primary is not retried: the fallback is asked at once instead.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
-                       timeout=OPENAI_TIMEOUT_SECONDS + 1,
+                       timeout=OPENAI_TIMEOUT_SECONDS + 1, http_client=keepalive_http_client(),
                        max_retries=0 if FALLBACK_BASE_URL else OPENAI_MAX_RETRIES)
-warm_up(client)
 fallback_client = openai.OpenAI(api_key=FALLBACK_API_KEY or "not-set", base_url=FALLBACK_BASE_URL,
-                                timeout=OPENAI_TIMEOUT_SECONDS + 1,
-                                max_retries=OPENAI_MAX_RETRIES) if FALLBACK_BASE_URL else None
-if fallback_client:
-    warm_up(fallback_client)
+                                timeout=OPENAI_TIMEOUT_SECONDS + 1, max_retries=OPENAI_MAX_RETRIES,
+                                http_client=keepalive_http_client()) if FALLBACK_BASE_URL else None
+for provider_client in filter(None, (client, fallback_client)):  # at start-up, not on a turn
+    warm_up(provider_client)
+    keep_warm(provider_client)
 providers = Providers(client, fallback_client, FALLBACK_MODEL, HEDGE_AFTER_MS / 1000)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 prompt = Prompt(HERE / "prompt.md")

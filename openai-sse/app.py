@@ -11,13 +11,17 @@ from flask import Flask, Response, request
 from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
                       OPENAI_TIMEOUT_SECONDS, complete, error_event, init_app, read_chat_request,
                       run_with_gunicorn, warm_up)
-from provider_stream import CallerHungUp, ProviderStream, start_relay
+from provider_stream import (CallerHungUp, ProviderStream, keep_warm, keepalive_http_client,
+                             start_relay)
 
 # "not-set": the server starts without a key and answers chat requests with an error naming it.
 # ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout: a backstop.
+# Idle connections to the provider stay open between turns, and one is open before the first.
 client = openai.OpenAI(api_key=OPENAI_API_KEY or "not-set", base_url=OPENAI_BASE_URL,
-                       timeout=OPENAI_TIMEOUT_SECONDS + 1, max_retries=OPENAI_MAX_RETRIES)
+                       timeout=OPENAI_TIMEOUT_SECONDS + 1, max_retries=OPENAI_MAX_RETRIES,
+                       http_client=keepalive_http_client())
 warm_up(client)
+keep_warm(client)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer
 
 app = Flask(__name__)

@@ -6,19 +6,39 @@ ProviderFailed) when it says nothing for OPENAI_TIMEOUT_SECONDS. Behind it, one 
 provider's stream into a queue and another waits on the caller's socket: the moment the caller hangs
 up, the reader is killed, which closes the provider's connection: the model stops, and its bill too.
 
+Every turn is a new request to the provider, and one that finds no open connection first waits for
+a TCP and TLS handshake (two or three round trips of dead air). So idle connections stay open
+across a caller's pauses (keepalive_http_client), and WarmConnections opens one when the worker
+starts and one in place of each connection closed to stop the model.
+
 It needs gevent's monkey-patching, which gunicorn's gevent worker applies (gunicorn.conf.py).
 Without it the reader would hold the whole process until the provider finished.
 """
 
+import dataclasses
 import json
+import os
 import socket
+import time
 
 import gevent
+import gevent.event
 import gevent.monkey
 import gevent.queue
 import gevent.socket
 import openai
-from contract import OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed, ask, provider_error
+from contract import (OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed, ask, log,
+                      provider_error)
+
+# Configuration: idle connections to the provider
+# How long an idle connection stays open. The SDK's 5 s is shorter than most pauses on a call.
+# OpenAI's API answers through Cloudflare, which closes an idle HTTP/1.1 connection after 400 s
+# (developers.cloudflare.com/fundamentals/reference/connection-limits): this closes it first.
+PROVIDER_KEEPALIVE_SECONDS = float(os.getenv("PROVIDER_KEEPALIVE_SECONDS", "300"))
+# After a worker's last turn, one connection is kept open this long (0: none opened in advance).
+KEEP_WARM_SECONDS = float(os.getenv("KEEP_WARM_SECONDS", "600"))
+SPARE_CONNECTIONS = 8  # at most this many opened at once, after as many hang-ups
+KEPT_WARM = {}  # each client kept warm: its WarmConnections
 
 END = object()  # the reader puts it on the queue after the provider's last line
 HUNG_UP = object()  # the watcher puts it on the queue when the caller has closed the connection
@@ -47,6 +67,9 @@ class ProviderStream:
             raise ChatError(500, "This server streams with gevent: start it with "
                                  "`gunicorn app:app` (or `python app.py`), not `flask run`.",
                             "server_error", code="gevent_required")
+        self.warm = KEPT_WARM.get(client)
+        if self.warm is not None:
+            self.warm.last_turn = time.monotonic()
         self.lines = gevent.queue.Queue()
         self.answered = False  # a `data:` line has arrived
         self.finished = False  # the provider's stream has ended
@@ -111,7 +134,9 @@ class ProviderStream:
     def close(self):
         """Stop the provider's stream, unless it has ended, and stop watching the caller."""
         if not self.finished:
-            self.reader.kill(block=False)
+            self.reader.kill(block=False)  # its connection is closed, not reused
+            if self.warm is not None:
+                self.warm.replace()  # the next turn finds another open
         if self.watcher is not None:
             self.watcher.kill()
 
@@ -120,6 +145,65 @@ class ProviderStream:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def keepalive_http_client():
+    """The SDK's own HTTP client (its defaults), with idle connections kept open
+    PROVIDER_KEEPALIVE_SECONDS instead of 5: pass it to openai.OpenAI as `http_client`."""
+    return openai.DefaultHttpxClient(limits=dataclasses.replace(
+        openai.DEFAULT_CONNECTION_LIMITS, keepalive_expiry=PROVIDER_KEEPALIVE_SECONDS))
+
+
+def keep_warm(client):
+    """Keep connections to this client's provider open for the next turn (WarmConnections)."""
+    if KEEP_WARM_SECONDS > 0 and gevent.monkey.is_module_patched("socket"):
+        KEPT_WARM[client] = WarmConnections(client)
+
+
+class WarmConnections:
+    """Opens connections to one provider in the background, through the client's own pool, so that
+    turns find one open: one when the worker starts, one for each stream closed before its end (at
+    most SPARE_CONNECTIONS at once), and one refreshed before it expires, until KEEP_WARM_SECONDS
+    after the last turn. Each is a GET /models: no model runs, nothing is billed. A provider that
+    does not answer is left alone: the next turn connects as it would have anyway."""
+
+    def __init__(self, client):
+        self.client = client.with_options(max_retries=0, timeout=5)
+        self.refresh_after = max(1.0, PROVIDER_KEEPALIVE_SECONDS * 0.8)  # 1 s: never a busy loop
+        self.last_turn = self.last_sent = time.monotonic()
+        self.wanted = 1  # connections to open now: the worker's first
+        self.wake = gevent.event.Event()
+        self.wake.set()
+        gevent.spawn(self.run)
+
+    def replace(self):
+        """A connection was closed to stop a stream: open one in its place."""
+        self.wanted = min(self.wanted + 1, SPARE_CONNECTIONS)
+        self.wake.set()
+
+    def run(self):
+        """Open what is wanted; refresh one connection while the worker has turns."""
+        while True:
+            last_used = max(self.last_turn, self.last_sent)
+            self.wake.wait(timeout=max(0.0, last_used + self.refresh_after - time.monotonic()))
+            self.wake.clear()
+            now = time.monotonic()
+            if not self.wanted:
+                if now - max(self.last_turn, self.last_sent) < self.refresh_after:
+                    continue  # a turn used a connection since
+                if now - self.last_turn > KEEP_WARM_SECONDS:
+                    self.last_sent = now  # idle long enough: nothing is sent
+                    continue
+                self.wanted = 1
+            wanted, self.wanted, self.last_sent = self.wanted, 0, now
+            gevent.joinall([gevent.spawn(self.open_one) for _ in range(wanted)])
+
+    def open_one(self):
+        """One request that leaves a connection open in the pool (a new one if none is idle)."""
+        try:
+            self.client.models.list()
+        except openai.APIError as exc:  # 401 and 404 leave the connection open too
+            log.debug("keeping a provider connection open: %s", type(exc).__name__)
 
 
 def parse_chunk(line):

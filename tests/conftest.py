@@ -498,6 +498,17 @@ def open_raw_stream(server, body, content_length=None, headers=()):
     return sock
 
 
+def read_until(sock, marker, count=1):
+    """Read from the socket until `marker` has been seen `count` times."""
+    received = b""
+    while received.count(marker) < count:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        received += piece
+    return received
+
+
 def wait_for(condition, seconds=3.0):
     """Poll `condition` until it is true or `seconds` have passed; returns its last value."""
     deadline = time.monotonic() + seconds

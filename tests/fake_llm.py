@@ -31,7 +31,12 @@ Model names get OpenAI's parameter rules: a reasoning model (gpt-5..., o1 / o3 /
 
 It is an asyncio protocol server (no framework) so that it is fast enough for the benchmark: it
 records every request it received (`fake.requests`) and every response it streamed (`fake.streams`),
-and notices the moment a client closes a connection early.
+and notices the moment a client closes a connection early. Each request records whether it came on
+a connection opened for it: `connection_request` counts the requests on its connection (1: the
+connection was opened for this one), `connection_age` is how long the connection had been open.
+`fake.connections` holds every connection (`opened_at`, `closed_at`, `served`). With `idle_timeout`
+it closes a connection idle that long, as providers and their load balancers do; with
+`ssl_context` it speaks HTTPS.
 """
 
 import argparse
@@ -39,6 +44,7 @@ import asyncio
 import collections
 import json
 import re
+import ssl
 import threading
 import time
 
@@ -149,17 +155,34 @@ class Connection(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.busy = False
         self.stream = None
+        self.opened_at = time.monotonic()
+        self.closed_at = None
+        self.served = 0                # requests received on this connection
+        self.idle_timer = None
 
     def connection_made(self, transport):
         self.transport = transport
+        self.server.connections.append(self)
+        self.idle()
+
+    def idle(self):
+        """Between requests: with the server's idle_timeout, close the connection after it."""
+        if self.server.idle_timeout:
+            self.idle_timer = asyncio.get_running_loop().call_later(
+                self.server.idle_timeout, self.transport.close)
 
     def connection_lost(self, exc):
         self.closed.set()
+        self.closed_at = time.monotonic()
+        if self.idle_timer:
+            self.idle_timer.cancel()
         if self.stream is not None and self.stream.open:
             self.stream.client_closed = True
             self.stream.closed_at = time.monotonic()
 
     def data_received(self, data):
+        if self.idle_timer:
+            self.idle_timer.cancel()
         self.buffer += data
         if not self.busy:
             self.next_request()
@@ -179,6 +202,7 @@ class Connection(asyncio.Protocol):
             return
         body, self.buffer = rest[:length], rest[length:]
         self.busy = True
+        self.served += 1
         asyncio.ensure_future(self.serve(method, path, headers, body))
 
     async def serve(self, method, path, headers, raw_body):
@@ -191,6 +215,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         elif self.buffer:
             self.next_request()
+        else:
+            self.idle()
 
     def write(self, data):
         if not self.transport.is_closing():
@@ -209,8 +235,11 @@ class FakeLLM:
     """The stand-in server: in a background thread with start(), or in the foreground, serve()."""
 
     def __init__(self, host="127.0.0.1", port=0, ttft=0.0, token_delay=0.0, api_key=None,
-                 keep=None):
+                 keep=None, idle_timeout=None, ssl_context=None):
         self.host, self.port = host, port
+        self.idle_timeout = idle_timeout  # seconds an idle connection is kept (None: for ever)
+        self.ssl_context = ssl_context
+        self.connections = []           # every connection, as Connection objects
         self.ttft, self.token_delay = ttft, token_delay
         self.keep = keep                # keep only the last `keep` requests and streams
         self.api_key = api_key          # when set, requests must carry it as a bearer token
@@ -227,7 +256,7 @@ class FakeLLM:
 
     @property
     def base_url(self):
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}/v1"
 
     def script(self, *responses):
         """Queue scripted responses: each one answers the next chat request."""
@@ -243,6 +272,9 @@ class FakeLLM:
 
     def open_streams(self):
         return [s for s in self.streams if s.open]
+
+    def open_connections(self):
+        return [c for c in self.connections if c.closed_at is None]
 
     def chat_bodies(self):
         return [r["body"] for r in self.requests if r["path"].endswith("/chat/completions")]
@@ -269,7 +301,7 @@ class FakeLLM:
     async def _listen(self):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: Connection(self), self.host, self.port,
-                                                backlog=2048)
+                                                backlog=2048, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def serve(self):
@@ -301,7 +333,8 @@ class FakeLLM:
         except ValueError:
             body = None
         self.requests.append({"path": route, "headers": headers, "body": body,
-                              "at": time.monotonic()})
+                              "at": time.monotonic(), "connection_request": conn.served,
+                              "connection_age": time.monotonic() - conn.opened_at})
         if method != "POST":
             conn.send_json(405, error_body("Use POST"))
             return True
@@ -332,6 +365,8 @@ class FakeLLM:
         self.streams.append(stream)
         if self.keep and len(self.streams) > 2 * self.keep:
             del self.streams[:-self.keep], self.requests[:-self.keep]
+            self.connections = [c for n, c in enumerate(reversed(self.connections))
+                                if n < self.keep or c.closed_at is None][::-1]
         try:
             return await self._answer(conn, body, plan, stream)
         finally:
@@ -349,7 +384,9 @@ class FakeLLM:
                                   "chunks_sent": s.chunks_sent}
                                  for s in self.streams[-100:]])
         elif route == "/_fake/requests":  # what it received: e.g. the system prompt a server sent
-            conn.send_json(200, [{"path": r["path"], "body": r["body"]}
+            conn.send_json(200, [{"path": r["path"], "body": r["body"],
+                                  "connection_request": r["connection_request"],
+                                  "connection_age": r["connection_age"]}
                                  for r in self.requests[-20:]])
         elif route == "/_fake/script":
             self.script(json.loads(raw_body))
@@ -516,6 +553,12 @@ if __name__ == "__main__":
     parser.add_argument("--token-delay", type=float, default=0.025, help="seconds between chunks")
     parser.add_argument("--keep", type=int, default=1000,
                         help="how many requests and streams to remember")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    parser.add_argument("--tls-key", help="... and this private key (PEM)")
     args = parser.parse_args()
+    context = None
+    if args.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     FakeLLM(args.host, args.port, ttft=args.ttft, token_delay=args.token_delay,
-            keep=args.keep).serve()
+            keep=args.keep, ssl_context=context).serve()

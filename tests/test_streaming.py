@@ -7,23 +7,12 @@ import openai
 import pytest
 
 from conftest import (STREAMING_FOLDERS, load_fixture, open_raw_stream, post_chat, read_sse,
-                      run_at_once, streamed_text, wait_for)
+                      read_until, run_at_once, streamed_text, wait_for)
 
 
 @pytest.fixture(params=STREAMING_FOLDERS)
 def folder(request):
     return request.param
-
-
-def read_until(sock, marker, count=1):
-    """Read from the socket until `marker` has been seen `count` times."""
-    received = b""
-    while received.count(marker) < count:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        received += piece
-    return received
 
 
 def test_first_chunk_arrives_before_the_provider_finishes(server, fake):
