@@ -78,6 +78,10 @@ class Knowledge:
         """How many passages the index holds (for the benchmark)."""
         return self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
 
+    def summary(self):
+        """What the start-up line says: the folder, its documents and their passages."""
+        return f"{self.folder} ({len(self.signature)} documents, {self.passage_count()} passages)"
+
     def search(self, question, limit=3, max_chars=1500):
         """The passages that match the question best (BM25), best first, max_chars at most."""
         self.refresh()

@@ -9,7 +9,7 @@ import string
 import gevent
 import openai
 
-from contract import log
+from contract import provider_error
 
 SECTION = re.compile(r"^<!-- \$(\w+).*?-->\n", re.MULTILINE | re.DOTALL)
 
@@ -65,8 +65,16 @@ def caller_number(body):
     return None
 
 
+class RewriteSkipped(Exception):
+    """The rewrite gave nothing to use; `reason`, for the log line: timeout, empty, or the error."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def rewrite_utterance(client, prompt, model, messages, budget_seconds):
-    """Ask a model to rewrite the caller's last words within the budget; None on timeout, error."""
+    """Ask a model to rewrite the caller's last words within the budget; raises RewriteSkipped."""
     transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:
@@ -75,7 +83,13 @@ def rewrite_utterance(client, prompt, model, messages, budget_seconds):
                 .chat.completions.create(model=model, max_tokens=120, temperature=0, messages=[
                     {"role": "system", "content": prompt.section("rewrite")},
                     {"role": "user", "content": transcript}])
-        return (completion.choices[0].message.content or "").strip() or None
-    except (gevent.Timeout, openai.OpenAIError, ValueError, IndexError) as exc:
-        log.info("rewrite skipped: %s", type(exc).__name__)
-        return None
+        rewritten = (completion.choices[0].message.content or "").strip()
+    except (gevent.Timeout, openai.APITimeoutError):
+        raise RewriteSkipped("timeout") from None
+    except (openai.OpenAIError, ValueError) as exc:
+        raise RewriteSkipped(provider_error(exc).logged()) from None
+    except IndexError:  # no choices
+        raise RewriteSkipped("empty") from None
+    if not rewritten:
+        raise RewriteSkipped("empty")
+    return rewritten
