@@ -271,9 +271,10 @@ def host_port(url):
 
 
 def unreachable(exc):
-    """Why the SDK could not reach the provider, from the exceptions it wraps (`__cause__`)."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__  # the SDK's, the HTTP client's, then the socket's own
+    """Why the SDK could not reach the provider, from the exceptions it wraps (`__cause__`), or
+    that were being handled when it was raised (`__context__`)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # the SDK's, the HTTP client's, the socket's own
         if isinstance(exc, socket.gaierror):
             return f"DNS lookup failed ({exc.strerror}): check the host name in the base URL"
         if isinstance(exc, ssl.SSLError):
