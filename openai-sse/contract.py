@@ -52,20 +52,25 @@ def setting(name, default, kind=str, minimum=None, maximum=None, expected=None):
         return default
     try:
         value = kind(text)
+        usable = kind not in (int, float) or (math.isfinite(value) and (
+            minimum is None or value >= minimum) and (maximum is None or value <= maximum))
     except (ValueError, LookupError):  # a time zone name that does not exist is a LookupError
-        value = None
-    if kind in (int, float) and value is not None and not (
-            math.isfinite(value) and (minimum is None or value >= minimum)
-            and (maximum is None or value <= maximum)):
-        value = None
-    if value is None:
-        if expected is None:
-            expected = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
-            expected += "".join((f" from {minimum}" if minimum is not None else "",
-                                 f" to {maximum}" if maximum is not None else ""))
-        stop_start_up(f"{name}={text!r} in .env or the environment: expected {expected} "
-                      f"(empty means the default, {default})")
-    return value
+        usable = False
+    if usable:
+        return value
+    if expected is None:
+        expected = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+        expected += "".join((f" from {minimum}" if minimum is not None else "",
+                             f" to {maximum}" if maximum is not None else ""))
+    stop_start_up(f"{name}={text!r} in .env or the environment: expected {expected} "
+                  f"(empty means the default, {default})")
+
+
+def log_level(text):
+    """A logging level's name, in any case: DEBUG, INFO ... (ValueError for another word)."""
+    if text.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(text)
+    return text.upper()
 
 
 def flag(name, default=""):
@@ -78,9 +83,9 @@ def base_url(name):
     base (the SDK appends /chat/completions itself), with a warning at start-up."""
     url = os.getenv(name, "").strip().rstrip("/")
     if url.endswith("/chat/completions"):
-        START_UP_WARNINGS.append(f"{name} ends with /chat/completions: using "
-                                 f"{shown_url(url[:-17])} (the base URL, without the endpoint)")
-        url = url[:-len("/chat/completions")]
+        url = url.removesuffix("/chat/completions")
+        START_UP_WARNINGS.append(f"{name} ends with /chat/completions: using {shown_url(url)} "
+                                 "(the base URL, without the endpoint)")
     return url or None
 
 
@@ -98,8 +103,7 @@ OPENAI_TIMEOUT_SECONDS = setting("OPENAI_TIMEOUT_SECONDS", 15.0, float, 0.1)  # 
 OPENAI_MAX_RETRIES = setting("OPENAI_MAX_RETRIES", 1, int, 0)
 CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", 1024 * 1024, int, 1)
-LOG_LEVEL = setting("LOG_LEVEL", "INFO", logging.getLevelNamesMapping().__getitem__,
-                    expected="DEBUG, INFO, WARNING or ERROR")
+LOG_LEVEL = setting("LOG_LEVEL", "INFO", log_level, expected="DEBUG, INFO, WARNING or ERROR")
 FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
@@ -326,7 +330,9 @@ def init_app(app, **summary):
     `summary`: what this folder adds to the start-up line (memory, knowledge ...)."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
     app.debug = FLASK_DEBUG  # Flask's debugger would show code to anyone who can reach the server
-    if FIRST_WORKER:  # every worker would say the same: the first one speaks for the server
+    # Every worker would say the same: the first speaks for the server. `python app.py` (app.py
+    # as __main__) stays quiet too: it is about to run gunicorn, whose first worker will say it.
+    if FIRST_WORKER and app.import_name != "__main__":
         log_start_up(summary)
 
     @app.errorhandler(ChatError)
