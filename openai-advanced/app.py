@@ -16,11 +16,11 @@ import openai
 from flask import Flask, Response, request
 
 from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
-                      OPENAI_TIMEOUT_SECONDS, error_event, flag, init_app, read_chat_request,
-                      run_with_gunicorn, sse, warm_up)
+                      OPENAI_TIMEOUT_SECONDS, base_url, error_event, flag, init_app,
+                      read_chat_request, run_with_gunicorn, setting, sse, warm_up)
 from knowledge import Knowledge
 from memory import MemoryUnavailable, open_memory
-from prompt import Prompt, caller_number, rewrite_utterance, text_of
+from prompt import Prompt, RewriteSkipped, caller_number, rewrite_utterance, text_of
 from provider_stream import CallerHungUp, keep_warm, keepalive_http_client, start_relay
 from providers import Providers
 from tools import RoundCalls, build_tools, server_tools_for, tool_round_messages, with_tools
@@ -28,26 +28,26 @@ from tools import RoundCalls, build_tools, server_tools_for, tool_round_messages
 HERE = Path(__file__).resolve().parent
 
 # Configuration: what this folder adds (contract.py reads the settings every folder has)
-BUSINESS_TIMEZONE = os.getenv("BUSINESS_TIMEZONE", "America/New_York")
-BUSINESS_TZ = zoneinfo.ZoneInfo(BUSINESS_TIMEZONE)  # a wrong name fails here, at start-up
+BUSINESS_TZ = setting("BUSINESS_TIMEZONE", zoneinfo.ZoneInfo("America/New_York"),
+                      zoneinfo.ZoneInfo, expected="a time zone name such as Europe/Paris")
 KNOWLEDGE_DIR = HERE / (os.getenv("KNOWLEDGE_DIR") or "knowledge")  # relative to this folder
-KNOWLEDGE_MAX_PASSAGES = int(os.getenv("KNOWLEDGE_MAX_PASSAGES", "3"))
-KNOWLEDGE_MAX_CHARS = int(os.getenv("KNOWLEDGE_MAX_CHARS", "1500"))
+KNOWLEDGE_MAX_PASSAGES = setting("KNOWLEDGE_MAX_PASSAGES", 3, int, 0)
+KNOWLEDGE_MAX_CHARS = setting("KNOWLEDGE_MAX_CHARS", 1500, int, 0)
 # memory.py reads where memory is kept and for how long (MEMORY_DATABASE_URL, MEMORY_DB_PATH, ...)
 MEMORY_ENABLED = flag("MEMORY_ENABLED", "1")
-MEMORY_MAX_TURNS = int(os.getenv("MEMORY_MAX_TURNS", "5"))
+MEMORY_MAX_TURNS = setting("MEMORY_MAX_TURNS", 5, int, 0)
 REWRITE_ENABLED = flag("REWRITE_ENABLED")
 REWRITE_MODEL = os.getenv("REWRITE_MODEL", "")  # empty: the turn's own model
-REWRITE_BUDGET_MS = int(os.getenv("REWRITE_BUDGET_MS", "800"))
+REWRITE_BUDGET_MS = setting("REWRITE_BUDGET_MS", 800, int, 1)
 AVAILABILITY_API_URL = os.getenv("AVAILABILITY_API_URL", "")  # empty: open_slots is not offered
-AVAILABILITY_TIMEOUT_SECONDS = float(os.getenv("AVAILABILITY_TIMEOUT_SECONDS", "3"))
-MAX_TOOL_ROUNDS = int(os.getenv("MAX_TOOL_ROUNDS", "3"))
-TOOL_FILLER = os.getenv("TOOL_FILLER", "One moment while I check that.")
+AVAILABILITY_TIMEOUT_SECONDS = setting("AVAILABILITY_TIMEOUT_SECONDS", 3.0, float, 0.1)
+MAX_TOOL_ROUNDS = setting("MAX_TOOL_ROUNDS", 3, int, 0)
+TOOL_FILLER = os.getenv("TOOL_FILLER") or "One moment while I check that."
 FLUSH_AFTER_FILLER = flag("FLUSH_AFTER_FILLER")  # <flush />: needs voice.chunkPlan.enabled
-FALLBACK_BASE_URL = os.getenv("FALLBACK_BASE_URL", "")  # empty: no second provider (providers.py)
+FALLBACK_BASE_URL = base_url("FALLBACK_BASE_URL")  # None: no second provider (providers.py)
 FALLBACK_API_KEY = os.getenv("FALLBACK_API_KEY", "")
 FALLBACK_MODEL = os.getenv("FALLBACK_MODEL", "")  # empty: the turn's own model
-HEDGE_AFTER_MS = int(os.getenv("HEDGE_AFTER_MS", "1500"))  # 0: fall back on failure only
+HEDGE_AFTER_MS = setting("HEDGE_AFTER_MS", 1500, int, 0)  # 0: fall back on failure only
 
 # "not-set": the server starts without a key and answers chat requests with an error naming it.
 # ProviderStream watches for silence itself (OPENAI_TIMEOUT_SECONDS); the SDK's timeout: a backstop.
@@ -66,10 +66,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx:
 prompt = Prompt(HERE / "prompt.md")
 knowledge = Knowledge(KNOWLEDGE_DIR)
 memory = open_memory() if MEMORY_ENABLED else None
-SERVER_TOOLS = build_tools(BUSINESS_TIMEZONE, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
+SERVER_TOOLS = build_tools(BUSINESS_TZ.key, AVAILABILITY_API_URL, AVAILABILITY_TIMEOUT_SECONDS)
 
 app = Flask(__name__)
-init_app(app)
+init_app(app, memory=memory and memory.where, knowledge=knowledge.summary(),
+         fallback=FALLBACK_BASE_URL, server_tools=MAX_TOOL_ROUNDS and ",".join(SERVER_TOOLS))
 
 
 @app.post("/chat/completions")
@@ -99,14 +100,15 @@ def relay(turn, answer):
     event a failure is raised (the view answers with its status); after, it is one error event."""
     try:
         yield from tool_loop(turn, answer, relay_round)
-    except CallerHungUp:
+    except (CallerHungUp, GeneratorExit):  # GeneratorExit: a write to the caller failed
         if not turn.chunks:
             raise
+        turn.hung_up = True
         return  # nobody to send [DONE] to
     except Exception as exc:
         if not turn.chunks:
             raise
-        yield error_event(exc)
+        yield error_event(turn, exc)
         yield b"data: [DONE]\n\n"
         return
     turn.ended()  # an answer without words is named in the log line
@@ -159,7 +161,7 @@ def relay_round(request, offered, turn, answer):
                 yield event(turn, {**chunk, "choices": [{**choice, "delta": sent}]}, answer)
     finally:  # whatever happened: stop the provider's stream, and log who answered
         provider.close()
-        answered(turn, getattr(provider, "answered_by", "primary"))
+        providers.note(turn.steps, provider)
     held = calls.held()
     if held and not calls.vapi_index and offered:
         if not answer.filler_sent:
@@ -180,8 +182,8 @@ def fetch_round(request, offered, turn, answer):
     """stream: false — one round as a whole chat.completion; returns its server-side calls as
     relay_round does. A mixed answer is sent without them: Vapi's tools win here too."""
     yield from ()  # sends nothing: a generator only so that tool_loop drives it like relay_round
-    answer.completion, answered_by = providers.create(request)
-    answered(turn, answered_by)
+    answer.completion, outcome = providers.create(request)
+    providers.note(turn.steps, outcome)
     message = answer.completion.choices[0].message
     calls = message.tool_calls or []
     held = [call for call in calls if call.function.name in answer.server_tools]
@@ -206,12 +208,6 @@ def event(turn, chunk, answer):
     """A chunk of ours as one `data:` event, with the response's one completion id."""
     turn.relayed(chunk)
     return sse({**chunk, "id": answer.completion_id})
-
-
-def answered(turn, answered_by):
-    """With a fallback configured, the log line says who answered each round, and why."""
-    if FALLBACK_BASE_URL:
-        turn.steps["provider"] = "+".join(filter(None, (turn.steps.get("provider"), answered_by)))
 
 
 @dataclasses.dataclass
@@ -255,16 +251,18 @@ def shape_request(turn):
 
     started = time.perf_counter()
     if REWRITE_ENABLED and user_text:
-        rewritten = rewrite_utterance(client, prompt, REWRITE_MODEL or turn.upstream["model"],
-                                      messages, REWRITE_BUDGET_MS / 1000)
-        if rewritten:
-            messages[-1] = {**messages[-1], "content": rewritten}
-            question = rewritten
+        try:
+            question = rewrite_utterance(client, prompt, REWRITE_MODEL or turn.upstream["model"],
+                                         messages, REWRITE_BUDGET_MS / 1000)
+            messages[-1] = {**messages[-1], "content": question}
+        except RewriteSkipped as exc:  # the caller's own words go on
+            turn.steps["rewrite"] = exc.reason
         turn.steps["rewrite_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
 
     started = time.perf_counter()
     passages = knowledge.search(question, KNOWLEDGE_MAX_PASSAGES, KNOWLEDGE_MAX_CHARS)
-    turn.steps["knowledge_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
+    turn.steps.update(knowledge_ms=f"{(time.perf_counter() - started) * 1000:.2f}",
+                      passages=len(passages))
 
     started = time.perf_counter()
     caller, earlier = caller_number(turn.body), []
@@ -273,7 +271,8 @@ def shape_request(turn):
             earlier = memory.recall(caller, turn.call_id, MEMORY_MAX_TURNS)
         except MemoryUnavailable:  # logged by memory.py; the call goes on without memory
             pass
-    turn.steps["memory_ms"] = f"{(time.perf_counter() - started) * 1000:.2f}"
+    turn.steps.update(memory_ms=f"{(time.perf_counter() - started) * 1000:.2f}",
+                      earlier_turns=len(earlier))
 
     # The assistant's own system prompt from Vapi comes first; the server's context is appended.
     context = prompt.render(BUSINESS_TZ, caller, earlier, passages)

@@ -10,11 +10,15 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import os
 import re
+import socket
+import ssl
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
@@ -25,21 +29,83 @@ HERE = Path(__file__).resolve().parent
 load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
 
 
+# Under gunicorn, the number of the worker process (1: the first one started); gunicorn.conf.py
+# sets it. Without gunicorn there is one process, which counts as the first.
+FIRST_WORKER = os.getenv("GUNICORN_WORKER_AGE", "1") == "1"
+START_UP_WARNINGS = []  # said once per server, at start-up (log_start_up)
+
+
+def stop_start_up(message):
+    """Stop the server with one line saying why, instead of a traceback. Under gunicorn only the
+    first worker says it and exits with 4, gunicorn's "App failed to load", which stops gunicorn;
+    any other worker leaves quietly: a second exit with 4 makes gunicorn's shutdown crash."""
+    if FIRST_WORKER:
+        print(f"Cannot start: {message}", file=sys.stderr, flush=True)
+        os._exit(4)
+    os._exit(0)  # os._exit, not sys.exit: gunicorn would log "Worker exiting" for nothing
+
+
+def setting(name, default, kind=str, minimum=None, maximum=None, expected=None):
+    """A setting from the environment or .env, as `kind` (int, float, a class ...). Empty or unset
+    means `default`; a value that cannot be used stops start-up, naming it and what is expected."""
+    text = os.getenv(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+        usable = kind not in (int, float) or (math.isfinite(value) and (
+            minimum is None or value >= minimum) and (maximum is None or value <= maximum))
+    except (ValueError, LookupError):  # a time zone name that does not exist is a LookupError
+        usable = False
+    if usable:
+        return value
+    if expected is None:
+        expected = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+        expected += "".join((f" from {minimum}" if minimum is not None else "",
+                             f" to {maximum}" if maximum is not None else ""))
+    stop_start_up(f"{name}={text!r} in .env or the environment: expected {expected} "
+                  f"(empty means the default, {default})")
+
+
+def log_level(text):
+    """A logging level's name, in any case: DEBUG, INFO ... (ValueError for another word)."""
+    if text.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(text)
+    return text.upper()
+
+
 def flag(name, default=""):
     """A yes/no setting: 1, true or yes (any case) mean yes."""
-    return os.getenv(name, default).strip().lower() in ("1", "true", "yes")
+    return (os.getenv(name) or default).strip().lower() in ("1", "true", "yes")
+
+
+def base_url(name):
+    """A provider's base URL; one pasted with the endpoint's /chat/completions is cut back to the
+    base (the SDK appends /chat/completions itself), with a warning at start-up."""
+    url = os.getenv(name, "").strip().rstrip("/")
+    if url.endswith("/chat/completions"):
+        url = url.removesuffix("/chat/completions")
+        START_UP_WARNINGS.append(f"{name} ends with /chat/completions: using {shown_url(url)} "
+                                 "(the base URL, without the endpoint)")
+    return url or None
+
+
+def shown_url(url):
+    """A URL for the log: scheme, host, port and path; never a user name or password in it."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 # Configuration (every variable is explained in .env.example)
 OPENAI_API_KEY = os.getenv("OPENAI_API_KEY", "")
-OPENAI_BASE_URL = os.getenv("OPENAI_BASE_URL") or None  # None: api.openai.com
+OPENAI_BASE_URL = base_url("OPENAI_BASE_URL")  # None: api.openai.com
 OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model name Vapi sends
-OPENAI_TIMEOUT_SECONDS = float(os.getenv("OPENAI_TIMEOUT_SECONDS", "15"))  # longest silence
-OPENAI_MAX_RETRIES = int(os.getenv("OPENAI_MAX_RETRIES", "1"))
-OPENAI_REASONING_EFFORT = os.getenv("OPENAI_REASONING_EFFORT", "")  # empty: not sent
+OPENAI_TIMEOUT_SECONDS = setting("OPENAI_TIMEOUT_SECONDS", 15.0, float, 0.1)  # longest silence
+OPENAI_MAX_RETRIES = setting("OPENAI_MAX_RETRIES", 1, int, 0)
+OPENAI_REASONING_EFFORT = setting("OPENAI_REASONING_EFFORT", "")  # empty: not sent
 CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
-MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
-LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
+MAX_BODY_BYTES = setting("MAX_BODY_BYTES", 1024 * 1024, int, 1)
+LOG_LEVEL = setting("LOG_LEVEL", "INFO", log_level, expected="DEBUG, INFO, WARNING or ERROR")
 FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
@@ -78,9 +144,21 @@ class ChatError(Exception):
         """The JSON body: {"error": {"message", "type", "param", "code"}}."""
         return {"error": self.error}
 
+    def logged(self):
+        """What the log line's `error=` says: the code the caller gets."""
+        return self.error["code"] or f"http_{self.status}"
+
 
 class ProviderFailed(ChatError):
-    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when too slow."""
+    """The model provider failed: its own 4xx, 502 for a 5xx or no answer, 504 when too slow.
+    `provider_status` and `provider_code` are the provider's own, when it answered with an error."""
+
+    provider_status = provider_code = None
+
+    def logged(self):
+        """`provider:<its code>` when the provider said why, so that its rejection (a wrong
+        OPENAI_API_KEY) and ours (a wrong CUSTOM_LLM_API_KEY) can never be confused."""
+        return f"provider:{self.provider_code}" if self.provider_code else super().logged()
 
 
 @dataclasses.dataclass
@@ -96,6 +174,8 @@ class Turn:
     first_token_at: float | None = None
     finish_reason: str | None = None  # the provider's last one
     chunks: int = 0
+    error: str | None = None  # why it failed, for the log line: ChatError.logged()
+    hung_up: bool = False  # the caller went away mid-answer (status 499: before it)
     steps: dict = dataclasses.field(default_factory=dict)  # more `name=value` for the log line
 
     def relayed(self, chunk):
@@ -148,13 +228,13 @@ def read_chat_request():
         raise ChatError(401, "Missing or wrong bearer token (CUSTOM_LLM_API_KEY).",
                         code="invalid_api_key")
     if not request.is_json:
-        raise ChatError(400, "Content-Type must be application/json.")
+        raise ChatError(400, "Content-Type must be application/json.", code="invalid_content_type")
     try:
         body = json.loads(request.get_data(), parse_constant=reject_constant)
     except (ValueError, RecursionError):
-        raise ChatError(400, "The request body is not valid JSON.") from None
+        raise ChatError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ChatError(400, "The request body must be a JSON object.")
+        raise ChatError(400, "The request body must be a JSON object.", code="invalid_json")
     # Vapi's chat and SMS channels send a `chat` object instead of `call`; web tests send neither.
     ids = [source.get("id") for source in (body.get("call"), body.get("chat"))
            if isinstance(source, dict)]
@@ -172,16 +252,19 @@ def read_chat_request():
                         "this URL is the Custom LLM URL, not the assistant's Server URL.",
                         param="message", code="vapi_server_message")
     if not isinstance(messages, list) or not messages:
-        raise ChatError(400, "'messages' must be a non-empty list.", param="messages")
+        raise ChatError(400, "'messages' must be a non-empty list.", param="messages",
+                        code="missing_messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ChatError(400, f"messages[{i}] must be an object with a string 'role'.",
-                            param=f"messages[{i}].role")
+                            param=f"messages[{i}].role", code="invalid_message")
     model = OPENAI_MODEL or body.get("model")
     if not isinstance(model, str) or not model:
-        raise ChatError(400, "'model' must be a non-empty string.", param="model")
+        raise ChatError(400, "'model' must be a non-empty string.", param="model",
+                        code="missing_model")
     if not isinstance(body.get("stream", False), bool):
-        raise ChatError(400, "'stream' must be true or false.", param="stream")
+        raise ChatError(400, "'stream' must be true or false.", param="stream",
+                        code="invalid_stream")
     turn.stream = body.get("stream", False)
     upstream = {key: body[key] for key in FORWARDED_PARAMS if body.get(key) is not None}
     upstream["model"] = model
@@ -213,18 +296,27 @@ def reject_constant(name):
 def provider_error(exc):
     """The ProviderFailed for an exception from the provider call (the SDK's, a broken answer)."""
     if isinstance(exc, UnicodeEncodeError):  # the SDK could not encode a lone surrogate
-        return ProviderFailed(400, "The request contains text that is not valid Unicode.")
+        return ProviderFailed(400, "The request contains text that is not valid Unicode.",
+                              code="invalid_unicode")
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError too
+        log.warning("model provider at %s: %s", host_port(exc.request.url), unreachable(exc))
     if isinstance(exc, openai.APITimeoutError):
         return ProviderFailed(504, "The model provider did not answer in time "
                               "(OPENAI_TIMEOUT_SECONDS).", "timeout_error", code="provider_timeout")
-    if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
+    if isinstance(exc, openai.APIStatusError):
         error = exc.body if isinstance(exc.body, dict) else {}
-        message = str(error.get("message") or exc.message)
-        if OPENAI_API_KEY:
-            message = message.replace(OPENAI_API_KEY, "[redacted]")
-        return ProviderFailed(exc.status_code, f"Model provider: {message}",
-                              error.get("type") or "provider_error", error.get("param"),
-                              error.get("code"))
+        failed = ProviderFailed(502, "The model provider failed or could not be reached.",
+                                "provider_error", code="provider_unavailable")
+        if exc.status_code < 500:
+            message = str(error.get("message") or exc.message)
+            if OPENAI_API_KEY:
+                message = message.replace(OPENAI_API_KEY, "[redacted]")
+            failed = ProviderFailed(exc.status_code, f"Model provider: {message}",
+                                    error.get("type") or "provider_error", error.get("param"),
+                                    error.get("code"))
+        failed.provider_status = exc.status_code
+        failed.provider_code = error.get("code") or error.get("type") or exc.status_code
+        return failed
     if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):  # e.g. the HTTP client's
         log.error("unexpected error from the provider call", exc_info=exc)  # (or a bug): logged
     return ProviderFailed(502, "The model provider failed or could not be reached.",
@@ -283,6 +375,27 @@ def ask(client, request, send):
                 raise
 
 
+def host_port(url):
+    """host:port of a URL (the SDK's), the port given even when it is the scheme's default."""
+    return f"{url.host}:{url.port or {'https': 443, 'http': 80}.get(url.scheme, '?')}"
+
+
+def unreachable(exc):
+    """Why the SDK could not reach the provider, from the exceptions it wraps (`__cause__`), or
+    that were being handled when it was raised (`__context__`)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # the SDK's, the HTTP client's, the socket's own
+        if isinstance(exc, socket.gaierror):
+            return f"DNS lookup failed ({exc.strerror}): check the host name in the base URL"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS failed ({exc.reason or exc}): is it http:// rather than https://?"
+        if isinstance(exc, ConnectionRefusedError):
+            return "connection refused: nothing listens on that port (check the base URL)"
+        if isinstance(exc, TimeoutError):
+            return f"timed out ({exc}); OPENAI_TIMEOUT_SECONDS={OPENAI_TIMEOUT_SECONDS:g}"
+    return f"could not be reached ({exc})"
+
+
 def complete(client, request):
     """The provider's whole answer, a chat.completion (stream: false); raises ProviderFailed."""
     try:
@@ -290,7 +403,8 @@ def complete(client, request):
     except (openai.OpenAIError, ValueError) as exc:  # ValueError: the provider sent broken JSON
         raise provider_error(exc) from exc
     if not completion.choices:
-        raise ProviderFailed(502, "The model provider sent no choices.", "provider_error")
+        raise ProviderFailed(502, "The model provider sent no choices.", "provider_error",
+                             code="bad_answer")
     return completion
 
 
@@ -299,12 +413,13 @@ def sse(payload):
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-def error_event(exc):
+def error_event(turn, exc):
     """The event that ends a stream after a failure: the ChatError's, or for a bug of ours (its
     traceback goes to the log, not to the caller) a plain 500."""
     if not isinstance(exc, ChatError):
         log.error("unexpected error while streaming", exc_info=exc)
-        exc = ChatError(500, "Internal server error.", "server_error")
+        exc = ChatError(500, "Internal server error.", "server_error", code="internal_error")
+    turn.error = exc.logged()
     return sse(exc.body())
 
 
@@ -315,35 +430,35 @@ def warm_up(client):
     client.platform_headers()
 
 
-def init_app(app):
+def init_app(app, **summary):
     """What every folder's app has: the body limit, debug mode only when asked, OpenAI-shaped
-    errors, one log line per request (for a stream, written after its last byte), GET /health."""
+    errors, one log line per request (for a stream, written after its last byte), GET /health.
+    `summary`: what this folder adds to the start-up line (memory, knowledge ...)."""
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # larger bodies get 413
     app.debug = FLASK_DEBUG  # Flask's debugger would show code to anyone who can reach the server
-    if FLASK_DEBUG:
-        log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the "
-                    "internet", os.getenv("FLASK_DEBUG"))
-    if not OPENAI_API_KEY:
-        log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (.env.example)")
-    if not CUSTOM_LLM_API_KEY:
-        log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your "
-                    "provider account")
+    # Every worker would say the same: the first speaks for the server. `python app.py` (app.py
+    # as __main__) stays quiet too: it is about to run gunicorn, whose first worker will say it.
+    if FIRST_WORKER and app.import_name != "__main__":
+        log_start_up(summary)
 
     @app.errorhandler(ChatError)
     def chat_error(exc):
         """A bad request or a failed provider, before anything was sent: its status and body."""
+        g.turn.error = exc.logged()
         return exc.body(), exc.status
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
         """404, 405, 413 ... as OpenAI-shaped JSON instead of Flask's HTML page."""
-        return ChatError(exc.code, exc.description).body(), exc.code
+        code = exc.name.lower().replace(" ", "_")  # not_found, method_not_allowed ...
+        return chat_error(ChatError(exc.code, exc.description, code=code))
 
     @app.errorhandler(Exception)
     def unexpected_error(exc):
         """A bug must not send a traceback to the caller; the log keeps it."""
         log.error("unexpected error", exc_info=exc)
-        return ChatError(500, "Internal server error.", "server_error").body(), 500
+        return chat_error(ChatError(500, "Internal server error.", "server_error",
+                                    code="internal_error"))
 
     @app.before_request
     def start_turn():
@@ -370,10 +485,31 @@ def log_line(turn, status):
     """The one INFO line per request. Never message text, keys or the phoneNumber object."""
     ttft = f"{(turn.first_token_at - turn.started) * 1000:.1f}" if turn.first_token_at else "-"
     model = turn.upstream["model"] if turn.upstream else None
-    log.info("%s call=%r model=%r stream=%s status=%s ttft_ms=%s total_ms=%.1f chunks=%d%s",
+    log.info("%s call=%r model=%r stream=%s status=%s ttft_ms=%s total_ms=%.1f chunks=%d%s%s%s",
              turn.path, turn.call_id, model, turn.stream, status, ttft,
              (time.perf_counter() - turn.started) * 1000, turn.chunks,
+             f" error={turn.error}" if turn.error else "",
+             " hung_up=1" if turn.hung_up or status == 499 else "",
              "".join(f" {name}={value}" for name, value in turn.steps.items()))
+
+
+def log_start_up(summary):
+    """What this server runs with, in one line (never a key), then what it should warn about."""
+    settings = {"provider": OPENAI_BASE_URL or "https://api.openai.com/v1",
+                "model": OPENAI_MODEL or "as Vapi sends it", **summary}
+    log.info("starting with %s", ", ".join(
+        f"{name}={shown_url(value) if '://' in str(value) else value or 'none'}"
+        for name, value in settings.items()))
+    for warning in START_UP_WARNINGS:
+        log.warning("%s", warning)
+    if FLASK_DEBUG:
+        log.warning("Flask debug mode is ON (FLASK_DEBUG=%s): never expose this server to the "
+                    "internet", os.getenv("FLASK_DEBUG"))
+    if not OPENAI_API_KEY:
+        log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (.env.example)")
+    if not CUSTOM_LLM_API_KEY:
+        log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your "
+                    "provider account")
 
 
 def run_with_gunicorn():

@@ -150,6 +150,10 @@ class Knowledge:
             "SELECT rowid FROM passages WHERE passages MATCH ? "
             "ORDER BY bm25(passages, 0, 2, 1) LIMIT ?", (query, limit))]
 
+    def summary(self):
+        """What the start-up line says: the folder, its documents and their passages."""
+        return f"{self.folder} ({len(self.signature)} documents, {self.passage_count()} passages)"
+
     def search(self, question, limit=3, max_chars=1500):
         """The passages that match the question best (BM25), best first, max_chars at most."""
         self.refresh()

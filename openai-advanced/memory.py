@@ -18,15 +18,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from dotenv import load_dotenv
+from contract import setting  # it loads .env: for `python memory.py ...` too
 
 HERE = Path(__file__).resolve().parent
-load_dotenv(HERE / ".env")  # for `python memory.py ...`; the server's contract.py loads it too
 
 # Configuration: where memory is kept, and for how long (app.py reads MEMORY_ENABLED)
 MEMORY_DATABASE_URL = os.getenv("MEMORY_DATABASE_URL", "")  # postgresql://...; empty: the file
 MEMORY_DB_PATH = HERE / (os.getenv("MEMORY_DB_PATH") or "memory.sqlite3")  # relative to here
-MEMORY_RETENTION_DAYS = float(os.getenv("MEMORY_RETENTION_DAYS", "30"))
+MEMORY_RETENTION_DAYS = setting("MEMORY_RETENTION_DAYS", 30.0, float, 0)
 
 log = logging.getLogger("custom-llm")
 
@@ -68,7 +67,7 @@ class Memory:
     blocking = True  # a write can wait for the disk or another writer, holding the whole process
 
     def __init__(self, path, retention_days):
-        self.path = str(path)
+        self.path = self.where = str(path)  # where: for the start-up line
         self.retention_seconds = retention_days * 86400
         with self.transaction() as db:
             db.execute("PRAGMA journal_mode=WAL")  # a property of the file: set once, kept
@@ -161,6 +160,7 @@ class PostgresMemory:
         from psycopg_pool import ConnectionPool
 
         self.failed, self.unreachable = psycopg.Error, psycopg.OperationalError  # PoolTimeout too
+        self.where = url  # for the start-up line, which shows no password
         self.retention_seconds = retention_days * 86400
         self.schema_ready = False
         self.down, self.retry_at = False, 0.0  # after a failure: skip memory until retry_at

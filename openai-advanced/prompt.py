@@ -8,7 +8,7 @@ import string
 
 import gevent
 
-from contract import ProviderFailed, complete, log
+from contract import ProviderFailed, complete
 
 SECTION = re.compile(r"^<!-- \$(\w+).*?-->\n", re.MULTILINE | re.DOTALL)
 
@@ -64,8 +64,16 @@ def caller_number(body):
     return None
 
 
+class RewriteSkipped(Exception):
+    """The rewrite gave nothing to use; `reason`, for the log line: timeout, empty, or the error."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def rewrite_utterance(client, prompt, model, messages, budget_seconds):
-    """Ask a model to rewrite the caller's last words within the budget; None on timeout, error."""
+    """Ask a model to rewrite the caller's last words within the budget; raises RewriteSkipped."""
     transcript = "\n".join(f"{m['role']}: {text_of(m.get('content'))}" for m in messages[-6:]
                            if m["role"] in ("user", "assistant") and text_of(m.get("content")))
     try:
@@ -74,7 +82,12 @@ def rewrite_utterance(client, prompt, model, messages, budget_seconds):
                 "model": model, "max_tokens": 120, "temperature": 0, "messages": [
                     {"role": "system", "content": prompt.section("rewrite")},
                     {"role": "user", "content": transcript}]})
-        return (completion.choices[0].message.content or "").strip() or None
-    except (gevent.Timeout, ProviderFailed) as exc:
-        log.info("rewrite skipped: %s", type(exc).__name__)
-        return None
+        rewritten = (completion.choices[0].message.content or "").strip()
+    except gevent.Timeout:
+        raise RewriteSkipped("timeout") from None
+    except ProviderFailed as failure:  # the SDK's own timeout too: provider_timeout
+        raise RewriteSkipped("timeout" if failure.error["code"] == "provider_timeout"
+                             else failure.logged()) from None
+    if not rewritten:
+        raise RewriteSkipped("empty")
+    return rewritten

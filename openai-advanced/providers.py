@@ -11,6 +11,7 @@ fallback. When both fail, the caller gets the fallback's error.
 """
 
 import collections
+import dataclasses
 import time
 
 import gevent
@@ -18,6 +19,12 @@ import gevent.queue
 
 from contract import ProviderFailed, carries_token, complete, has_words
 from provider_stream import ProviderStream
+
+
+def no_words():
+    """The failure of a primary whose answer ended without a word or a tool call."""
+    return ProviderFailed(502, "The model provider ended its answer without words.",
+                          "provider_error", code="no_words")
 
 
 class Providers:
@@ -38,16 +45,37 @@ class Providers:
         return RacedStream(self, request, caller)
 
     def create(self, request):
-        """stream: false — (the whole chat.completion, who answered); the fallback answers when
+        """stream: false — (the whole chat.completion, its Outcome); the fallback answers when
         the primary fails. Raises the ProviderFailed of the last provider asked."""
         try:
             completion = complete(self.primary, request)
             if self.fallback is None or has_words(completion):
-                return completion, "primary"
-        except ProviderFailed:
+                return completion, Outcome("primary")
+            primary_failure = no_words()
+        except ProviderFailed as failure:
             if self.fallback is None:
                 raise
-        return complete(self.fallback, self.fallback_request(request)), "fallback:failure"
+            primary_failure = failure
+        return (complete(self.fallback, self.fallback_request(request)),
+                Outcome("fallback:failure", primary_failure))
+
+    def note(self, steps, outcome):
+        """With a fallback, the log line says who answered each round and why (an Outcome or a
+        RacedStream), and how the primary failed when it did: `primary=503`, `primary=<code>`."""
+        if self.fallback is None:
+            return
+        steps["provider"] = "+".join(filter(None, (steps.get("provider"), outcome.answered_by)))
+        if outcome.primary_failure:
+            failure = outcome.primary_failure
+            steps["primary"] = failure.provider_status or failure.error["code"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    """Who answered a round ("primary", "fallback:failure" ...), and the primary's failure."""
+
+    answered_by: str
+    primary_failure: ProviderFailed | None = None
 
 
 class RacedStream:
@@ -70,6 +98,11 @@ class RacedStream:
     def answered_by(self):
         """Who answered, and why the fallback was asked: e.g. "primary", "fallback:hedge"."""
         return f"{self.winner or 'nobody'}:{self.reason}" if self.reason else "primary"
+
+    @property
+    def primary_failure(self):
+        """The primary's ProviderFailed, if it failed before its first token; else None."""
+        return self.failures.get("primary")
 
     def start(self, name, client, request):
         """Send the request to one provider, and race its stream to a first token."""
@@ -107,8 +140,7 @@ class RacedStream:
             if isinstance(item, Exception) and not isinstance(item, ProviderFailed):
                 raise item  # the caller went away (CallerHungUp), or a bug of ours
             if item is None and name == "primary":  # an answer without words: a failure too
-                item = ProviderFailed(502, "The model provider ended its answer without words.",
-                                      "provider_error", code="no_words")
+                item = no_words()
             if isinstance(item, ProviderFailed):
                 self.failures[name] = item
                 if "fallback" not in self.streams:

@@ -23,17 +23,32 @@ def local_time(timezone):
 
 def open_slots(api_url, timeout_seconds, date):
     """Ask the scheduling API which appointment slots are free on a date."""
+    url = f"{api_url.rstrip('/')}/slots"
     try:
-        response = requests.get(f"{api_url.rstrip('/')}/slots", params={"date": date},
-                                timeout=timeout_seconds)
+        response = requests.get(url, params={"date": date}, timeout=timeout_seconds)
         response.raise_for_status()
         return {"date": date, "open_slots": response.json().get("open_slots", [])}
     except requests.Timeout:
+        log.warning("server-side tool open_slots failed: %s did not answer in %g s "
+                    "(AVAILABILITY_TIMEOUT_SECONDS)", url, timeout_seconds)
         return {"error": "The scheduling system did not answer in time. "
                          "Offer to have the front desk call back."}
-    except (requests.RequestException, ValueError, AttributeError):
+    except (requests.RequestException, ValueError, AttributeError) as exc:
+        log.warning("server-side tool open_slots failed: %s", failure(url, exc))
         return {"error": "The scheduling system is not available right now. "
                          "Offer to have the front desk call back."}
+
+
+def failure(url, exc):
+    """Why a call to an API failed, in a few words for the log (no response body: it may hold
+    personal data)."""
+    if isinstance(exc, requests.HTTPError):
+        return f"{url} answered HTTP {exc.response.status_code}"
+    if isinstance(exc, requests.ConnectionError):
+        while (exc.__cause__ or exc.__context__) is not None:  # down to the socket's own error
+            exc = exc.__cause__ or exc.__context__
+        return f"{url} could not be reached: {exc}"
+    return f"{url} sent an answer that is not the expected JSON ({type(exc).__name__})"
 
 
 def function_tool(name, description, properties=None):
@@ -65,6 +80,7 @@ def run_tool(tools, name, arguments_json):
         if not isinstance(arguments, dict):
             raise ValueError("arguments must be a JSON object")
     except ValueError:
+        log.warning("server-side tool %s not run: its arguments are not a JSON object", name)
         return json.dumps({"error": f"The arguments for {name} were not a valid JSON object."})
     try:
         return json.dumps(tools[name][1](arguments))

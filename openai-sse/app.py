@@ -59,14 +59,15 @@ def relay(turn, provider):
                 turn.relayed(chunk)
                 yield b"data: " + raw.encode() + b"\n\n"  # the provider's own bytes, not re-encoded
             turn.ended()  # an answer without words is named in the log line
-        except CallerHungUp:
+        except (CallerHungUp, GeneratorExit):  # GeneratorExit: a write to the caller failed
             if not turn.chunks:
                 raise
+            turn.hung_up = True
             return  # nobody to send [DONE] to
         except Exception as exc:
             if not turn.chunks:
                 raise
-            yield error_event(exc)
+            yield error_event(turn, exc)
     yield b"data: [DONE]\n\n"
 
 

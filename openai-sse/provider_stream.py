@@ -220,8 +220,10 @@ def parse_chunk(line):
     error = chunk.get("error") if isinstance(chunk, dict) else None
     if isinstance(error, dict):
         message = str(error.get("message") or "The model provider failed mid-answer.")
-        raise ProviderFailed(502, message, str(error.get("type") or "provider_error"),
-                             error.get("param"), error.get("code"))
+        failed = ProviderFailed(502, message, str(error.get("type") or "provider_error"),
+                                error.get("param"), error.get("code"))
+        failed.provider_code = error.get("code") or error.get("type") or "error_event"
+        raise failed
     raise ProviderFailed(502, "The model provider sent a malformed chunk.", "provider_error",
                          code="bad_chunk")
 

@@ -5,8 +5,11 @@ Run it alone to try any server without a key:
     python tests/fake_llm.py --port 9000
     OPENAI_BASE_URL=http://127.0.0.1:9000/v1 OPENAI_API_KEY=fake gunicorn app:app
 
-By default it answers "You said: <the last user message>" one word per chunk. Tests script it per
-request (`fake.script(...)` or `fake.responder = ...`) with a dict of these keys, all optional:
+It answers POST /v1/chat/completions and /chat/completions, GET /v1/models, and 404 elsewhere, as
+OpenAI does (so a base URL with the wrong path fails here as it would there). By default it answers
+"You said: <the last user message>" one word per chunk. Tests script it per request
+(`fake.script(...)` or `fake.responder = ...`); run alone, POST the same dict to /_fake/script
+(examples at the end of --help). Its keys, all optional:
 
     text / tokens        what to say (a string split into words, or the exact chunks)
     tool_calls           [{"name": ..., "arguments": "...json..."}], streamed in fragments like
@@ -118,6 +121,20 @@ def reasoning_used_the_budget(body):
         return False
     effort = body.get("reasoning_effort") or efforts(model)[0]
     return body["max_completion_tokens"] <= REASONING_TOKENS[effort]
+
+
+# The paths of the chat endpoint: OPENAI_BASE_URL .../v1 (OpenAI's), or a base URL without /v1.
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+
+SCRIPTING_HELP = """\
+scripting, while it runs (each POST answers the next chat request; the keys are listed above):
+  curl -X POST http://127.0.0.1:9000/_fake/script \\
+       -d '{"tool_calls": [{"name": "local_time", "arguments": "{}"}]}'   # call a tool
+  curl -X POST http://127.0.0.1:9000/_fake/script -d '{"status": 503}'    # fail with a 503
+  curl -X POST http://127.0.0.1:9000/_fake/script -d '{"hang": true}'     # never answer
+  curl http://127.0.0.1:9000/_fake/requests   # the last requests it received, with their bodies
+  curl -X POST http://127.0.0.1:9000/_fake/reset                          # forget everything
+"""
 
 
 class Stream:
@@ -321,12 +338,12 @@ class FakeLLM:
         route = path.split("?")[0].rstrip("/")
         if route.startswith("/_fake/"):
             return self.control(conn, route, raw_body)
-        if method == "GET" and route in ("/v1/models", "/models"):
+        if method == "GET" and route == "/v1/models":
             conn.send_json(200, {"object": "list",
                                  "data": [{"id": "fake-model", "object": "model"}]})
             return True
-        if not route.endswith("/chat/completions"):
-            conn.send_json(404, error_body(f"Unknown path {path}", code="not_found"))
+        if route not in CHAT_PATHS:  # OpenAI's own answer to a path it does not serve
+            conn.send_json(404, error_body(f"Invalid URL ({method} {route})"))
             return True
         try:
             body = json.loads(raw_body or b"null")
@@ -546,7 +563,9 @@ def words(text):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\nIt is an asyncio")[0],
+                                     epilog=SCRIPTING_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--ttft", type=float, default=0.2, help="seconds before the first chunk")
