@@ -103,7 +103,9 @@ OPENAI_MODEL = os.getenv("OPENAI_MODEL", "")  # when set, replaces the model nam
 OPENAI_TIMEOUT_SECONDS = setting("OPENAI_TIMEOUT_SECONDS", 15.0, float, 0.1)  # longest silence
 OPENAI_MAX_RETRIES = setting("OPENAI_MAX_RETRIES", 1, int, 0)
 OPENAI_REASONING_EFFORT = setting("OPENAI_REASONING_EFFORT", "")  # empty: not sent
-CUSTOM_LLM_API_KEY = os.getenv("CUSTOM_LLM_API_KEY", "")  # the bearer token Vapi must send
+# The bearer token Vapi must send; several, separated by commas, while a new one replaces the old.
+CUSTOM_LLM_API_KEYS = [key.strip().encode()
+                       for key in os.getenv("CUSTOM_LLM_API_KEY", "").split(",") if key.strip()]
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", 1024 * 1024, int, 1)
 LOG_LEVEL = setting("LOG_LEVEL", "INFO", log_level, expected="DEBUG, INFO, WARNING or ERROR")
 FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
@@ -125,6 +127,7 @@ REASONING_MODEL = re.compile(r"(?:^|/)(?:gpt-5|o[134])(?:$|[-.])", re.IGNORECASE
 OPTIONAL_PARAMS = {*FORWARDED_PARAMS, "reasoning_effort"} - {"messages", "tools"}
 REFUSAL_CODES = ("unsupported_parameter", "unsupported_value")
 refused = {}  # (provider URL, model) -> {parameter: the name to send it under, or None}
+SERVER_MESSAGES_SEEN = set()  # the types of Vapi server messages this worker warned about
 
 logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client: a line per request
@@ -246,8 +249,10 @@ def read_chat_request():
         # Vapi posts its server messages (status-update, end-of-call-report, ...) to an
         # assistant's Server URL: this one was pasted there too.
         kind = str(server_message["type"])[:64]  # repr(): no newline in the log
-        log.warning("a Vapi server message (type %r) was posted to the chat URL: set the "
-                    "assistant's Server URL to your webhook, not to this server", kind)
+        if kind not in SERVER_MESSAGES_SEEN:  # Vapi sends dozens a call: one warning per type
+            SERVER_MESSAGES_SEEN.add(kind)
+            log.warning("a Vapi server message (type %r) was posted to the chat URL: set the "
+                        "assistant's Server URL to your webhook, not to this server", kind)
         raise ChatError(400, f"This is a Vapi server message (type {kind!r}), not a chat request: "
                         "this URL is the Custom LLM URL, not the assistant's Server URL.",
                         param="message", code="vapi_server_message")
@@ -279,12 +284,11 @@ def read_chat_request():
 def authorized(authorization):
     """Check `Authorization: Bearer <key>` against each key of CUSTOM_LLM_API_KEY (comma-separated,
     so a new key can be added in Vapi before the old one goes), in constant time; open without."""
-    if not CUSTOM_LLM_API_KEY:
+    if not CUSTOM_LLM_API_KEYS:
         return True
-    keys = [key.strip().encode() for key in CUSTOM_LLM_API_KEY.split(",") if key.strip()]
     scheme, _, token = authorization.partition(" ")
     token = token.strip().encode()
-    matches = [hmac.compare_digest(token, key) for key in keys]  # every key, not up to a match
+    matches = [hmac.compare_digest(token, key) for key in CUSTOM_LLM_API_KEYS]  # each, always
     return scheme.lower() == "bearer" and any(matches)
 
 
@@ -351,13 +355,13 @@ def learned_refusal(client, request, exc):
     OpenAI's error (code unsupported_parameter or unsupported_value); if so, it is remembered for
     the model (once, with a WARNING), so that the request can go again at once without it."""
     error = exc.body if isinstance(exc.body, dict) else {}
-    name, learned = error.get("param"), refused.setdefault((str(client.base_url),
-                                                            request["model"]), {})
+    name, key = error.get("param"), (str(client.base_url), request["model"])
     if error.get("code") not in REFUSAL_CODES or name not in OPTIONAL_PARAMS \
-            or name not in request or name in learned:
+            or name not in request or name in refused.get(key, {}):
         return False
     instead = re.search(r"[Uu]se '(\w+)' instead", str(error.get("message")))
-    learned[name] = new_name = instead[1] if instead and instead[1] in OPTIONAL_PARAMS else None
+    new_name = instead[1] if instead and instead[1] in OPTIONAL_PARAMS else None
+    refused.setdefault(key, {})[name] = new_name
     log.warning("model %r refuses %r (%s): sent %s from now on", request["model"], name,
                 error["code"], f"as {new_name!r}" if new_name else "without it")
     return True
@@ -507,7 +511,7 @@ def log_start_up(summary):
                     "internet", os.getenv("FLASK_DEBUG"))
     if not OPENAI_API_KEY:
         log.warning("OPENAI_API_KEY is not set: chat requests will fail until it is (.env.example)")
-    if not CUSTOM_LLM_API_KEY:
+    if not CUSTOM_LLM_API_KEYS:
         log.warning("CUSTOM_LLM_API_KEY is not set: anyone who knows this URL can use your "
                     "provider account")
 

@@ -139,7 +139,7 @@ class Knowledge:
         self.signature = signature
 
     def passage_count(self):
-        """How many passages the index holds (for the benchmark)."""
+        """How many passages the index holds."""
         return len(self.passages)
 
     def matching(self, terms, limit=-1):

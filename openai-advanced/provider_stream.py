@@ -17,7 +17,6 @@ Without it the reader would hold the whole process until the provider finished.
 
 import dataclasses
 import json
-import os
 import socket
 import time
 
@@ -28,15 +27,15 @@ import gevent.queue
 import gevent.socket
 import openai
 from contract import (OPENAI_TIMEOUT_SECONDS, ChatError, ProviderFailed, ask, log,
-                      provider_error)
+                      provider_error, setting)
 
 # Configuration: idle connections to the provider
 # How long an idle connection stays open. The SDK's 5 s is shorter than most pauses on a call.
 # OpenAI's API answers through Cloudflare, which closes an idle HTTP/1.1 connection after 400 s
 # (developers.cloudflare.com/fundamentals/reference/connection-limits): this closes it first.
-PROVIDER_KEEPALIVE_SECONDS = float(os.getenv("PROVIDER_KEEPALIVE_SECONDS", "300"))
+PROVIDER_KEEPALIVE_SECONDS = setting("PROVIDER_KEEPALIVE_SECONDS", 300.0, float, 1)
 # After a worker's last turn, one connection is kept open this long (0: none opened in advance).
-KEEP_WARM_SECONDS = float(os.getenv("KEEP_WARM_SECONDS", "600"))
+KEEP_WARM_SECONDS = setting("KEEP_WARM_SECONDS", 600.0, float, 0)
 SPARE_CONNECTIONS = 8  # at most this many opened at once, after as many hang-ups
 KEPT_WARM = {}  # each client kept warm: its WarmConnections
 
@@ -69,10 +68,11 @@ class ProviderStream:
                             "server_error", code="gevent_required")
         self.warm = KEPT_WARM.get(client)
         if self.warm is not None:
-            self.warm.last_turn = time.monotonic()
+            self.warm.turn_started()
         self.lines = gevent.queue.Queue()
         self.answered = False  # a `data:` line has arrived
         self.finished = False  # the provider's stream has ended
+        self.read_out = False  # the reader is done: its connection, if any, went back to the pool
         self.reader = gevent.spawn(self._read, client, upstream)
         self.watcher = gevent.spawn(self._watch, caller) if caller else None
 
@@ -92,6 +92,7 @@ class ProviderStream:
                         self.lines.put(line[5:].strip())
         except Exception as exc:  # handed to the request, which raises it as a ProviderFailed
             self.lines.put(exc)
+        self.read_out = True  # an error answer was read whole too: nothing to replace
         self.lines.put(END)
 
     def _watch(self, caller):
@@ -135,7 +136,7 @@ class ProviderStream:
         """Stop the provider's stream, unless it has ended, and stop watching the caller."""
         if not self.finished:
             self.reader.kill(block=False)  # its connection is closed, not reused
-            if self.warm is not None:
+            if self.warm is not None and not self.read_out:
                 self.warm.replace()  # the next turn finds another open
         if self.watcher is not None:
             self.watcher.kill()
@@ -176,24 +177,30 @@ class WarmConnections:
         self.wake.set()
         gevent.spawn(self.run)
 
+    def turn_started(self):
+        """A turn uses a connection: keep one open from now on, for KEEP_WARM_SECONDS."""
+        now = time.monotonic()
+        if now - self.last_turn > KEEP_WARM_SECONDS:
+            self.wake.set()  # the loop waits with no timeout once the worker has been idle
+        self.last_turn = now
+
     def replace(self):
         """A connection was closed to stop a stream: open one in its place."""
         self.wanted = min(self.wanted + 1, SPARE_CONNECTIONS)
         self.wake.set()
 
     def run(self):
-        """Open what is wanted; refresh one connection while the worker has turns."""
+        """Open what is wanted; refresh one connection before it expires while there are turns."""
         while True:
-            last_used = max(self.last_turn, self.last_sent)
-            self.wake.wait(timeout=max(0.0, last_used + self.refresh_after - time.monotonic()))
+            due = max(self.last_turn, self.last_sent) + self.refresh_after
+            idle = time.monotonic() - self.last_turn > KEEP_WARM_SECONDS
+            self.wake.wait(timeout=None if idle else max(0.0, due - time.monotonic()))
             self.wake.clear()
             now = time.monotonic()
             if not self.wanted:
-                if now - max(self.last_turn, self.last_sent) < self.refresh_after:
-                    continue  # a turn used a connection since
-                if now - self.last_turn > KEEP_WARM_SECONDS:
-                    self.last_sent = now  # idle long enough: nothing is sent
-                    continue
+                if now < max(self.last_turn, self.last_sent) + self.refresh_after \
+                        or now - self.last_turn > KEEP_WARM_SECONDS:
+                    continue  # a connection was used recently, or the worker is idle: no request
                 self.wanted = 1
             wanted, self.wanted, self.last_sent = self.wanted, 0, now
             gevent.joinall([gevent.spawn(self.open_one) for _ in range(wanted)])

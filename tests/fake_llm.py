@@ -69,15 +69,24 @@ KNOWN_PARAMS = {
 # `max_completion_tokens`: when the effort's reasoning uses the whole budget, the answer is empty,
 # with finish_reason "length", as OpenAI's is. OpenAI's other models (gpt-4o, gpt-4.1 ...) refuse
 # `reasoning_effort`. https://platform.openai.com/docs/guides/reasoning
-REASONING_MODEL = re.compile(r"(?:^|/)(?:gpt-5|o[134])(?:$|[-.])", re.IGNORECASE)
+# Listed by name, not by a pattern, so that the stand-in does not share the servers' rule.
+REASONING_MODELS = {"gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-5.1", "gpt-5.2", "o1", "o1-mini",
+                    "o3", "o3-mini", "o3-pro", "o4-mini"}
 REASONING_TOKENS = {"none": 0, "minimal": 16, "low": 150, "medium": 600, "high": 2000}
+
+
+def reasoning_model(model):
+    """The name of OpenAI's reasoning model that `model` is ("openai/gpt-5-mini", a dated snapshot
+    such as "o4-mini-2025-04-16"), or None."""
+    name = re.sub(r"-\d{4}-\d{2}-\d{2}$", "", model.rsplit("/", 1)[-1])
+    return name if name in REASONING_MODELS else None
 
 
 def efforts(model):
     """(the default reasoning_effort, the values the model takes) of a reasoning model."""
-    if re.search(r"gpt-5\.\d", model):  # gpt-5.1 and later
+    if model.startswith("gpt-5."):  # gpt-5.1 and later
         return "none", ("none", "low", "medium", "high")
-    if "gpt-5" in model:
+    if model.startswith("gpt-5"):
         return "medium", ("minimal", "low", "medium", "high")
     return "medium", ("low", "medium", "high")  # the o-series
 
@@ -91,7 +100,8 @@ def refusal(body, refusals):
             use = f" Use '{instead}' instead." if instead else ""
             return error_body(f"Unsupported parameter: '{name}' is not supported with this model."
                               f"{use}", code="unsupported_parameter", param=name)
-    if not REASONING_MODEL.search(model):
+    reasoning = reasoning_model(model)
+    if not reasoning:
         if model.startswith("gpt-") and "reasoning_effort" in body:
             return error_body("Unsupported parameter: 'reasoning_effort' is not supported with "
                               "this model.", code="unsupported_parameter", param="reasoning_effort")
@@ -105,7 +115,7 @@ def refusal(body, refusals):
             return error_body(f"Unsupported value: '{name}' does not support {body[name]} with "
                               "this model. Only the default (1) value is supported.",
                               code="unsupported_value", param=name)
-    default, allowed = efforts(model)
+    default, allowed = efforts(reasoning)
     if body.get("reasoning_effort", default) not in allowed:
         listed = ", ".join(f"'{value}'" for value in allowed[:-1]) + f", and '{allowed[-1]}'"
         return error_body(f"Unsupported value: 'reasoning_effort' does not support "
@@ -116,10 +126,10 @@ def refusal(body, refusals):
 
 def reasoning_used_the_budget(body):
     """Whether a reasoning model's thinking at this effort leaves no tokens for words."""
-    model = str(body.get("model"))
-    if not REASONING_MODEL.search(model) or "max_completion_tokens" not in body:
+    reasoning = reasoning_model(str(body.get("model")))
+    if not reasoning or "max_completion_tokens" not in body:
         return False
-    effort = body.get("reasoning_effort") or efforts(model)[0]
+    effort = body.get("reasoning_effort") or efforts(reasoning)[0]
     return body["max_completion_tokens"] <= REASONING_TOKENS[effort]
 
 

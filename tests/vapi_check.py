@@ -33,9 +33,9 @@ READ_SECONDS = 25          # longest silence; Vapi waits 20 s for the first toke
 STREAM_SECONDS = 60        # longest a whole answer may take here
 MAX_BYTES = 4 * 1024 * 1024
 FIRST_TOKEN_WARN, FIRST_TOKEN_FAIL = 1.5, 20.0
-MODEL_CALLS = 10           # turns a working server answers with the model: the first turn, two
-#                            more metadata modes, tool turn, tools, first message, stream: false,
-#                            the hung-up turn and the one after it
+MODEL_CALLS = 10           # turns a server may answer with the model: the first turn, two more
+#                            metadata modes, tool turn, tools, first message, stream: false, the
+#                            hung-up turn and the one after it; the turn without a key if it is open
 LONG_QUESTION = ("Please tell me, in about a hundred words, what happens at a first dental "
                  "cleaning appointment and how I should prepare for it.")
 BUFFERING_FIX = ("nginx: `X-Accel-Buffering: no` or `proxy_buffering off`; Cloudflare: DNS only, "
