@@ -6,6 +6,7 @@ queue of dead air: use threads instead."""
 
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import threading
@@ -21,10 +22,19 @@ load_dotenv(Path(__file__).with_name(".env"))
 
 bind = f"0.0.0.0:{os.getenv('PORT', '8000')}"
 worker_class = "gthread"
-# One process per core; each holds `threads` simultaneous calls (a waiting thread costs little).
+# One process per core. A request holds a thread from its headers to its last byte, a request whose
+# body is slow too (up to BODY_TIMEOUT_SECONDS): so many more threads than calls (at most
+# MAX_CONCURRENT_CALLS, contract.py), that a flood of unfinished requests does not take them all.
+# A waiting thread costs little; kept-alive connections wait in a poller, not in a thread.
 workers = int(os.getenv("WEB_CONCURRENCY", "2"))
-threads = int(os.getenv("GUNICORN_THREADS", "256"))
-# Vapi and ngrok reuse connections between turns; keep idle ones open (in a poller, not a thread).
+threads = int(os.getenv("GUNICORN_THREADS", "2048"))
+worker_connections = 2 * threads
+# A file descriptor per connection: raise the soft limit (often 1024) as far as the hard one.
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft != resource.RLIM_INFINITY and soft < worker_connections + 100:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (worker_connections + 100 if hard < 0
+                                                else min(worker_connections + 100, hard), hard))
+# Vapi and ngrok reuse connections between turns: keep idle ones open for a while.
 keepalive = 30
 # For gthread this is the worker heartbeat, not a limit on how long a stream may run.
 timeout = 30

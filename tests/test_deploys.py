@@ -5,7 +5,6 @@ MAX_CONCURRENT_CALLS answers the next call at once (gunicorn.conf.py, contract.p
 Tests that send signals start a server of their own (two workers, as deployed)."""
 
 import json
-import random
 import resource
 import signal
 import socket
@@ -199,5 +198,73 @@ def test_a_stream_longer_than_the_drain_ends_with_an_error_event(fake, log_dir):
         [line] = server.log_lines("POST /chat/completions")
         assert "cut_by=shutdown" in line
         assert wait_for(lambda: not fake.open_streams(), 2), "the provider's stream must be closed"
+    finally:
+        server.stop()
+
+
+LIMITS = {"BODY_TIMEOUT_SECONDS": "1", "MAX_CONCURRENT_CALLS": "4"}
+
+
+@pytest.mark.parametrize("sent", [b"", b'{"model": "m", "mess'], ids=["headers-only", "half-body"])
+def test_a_body_that_does_not_arrive_gets_408_and_the_connection_closed(folder, start_server,
+                                                                         sent):
+    server = start_server(folder, **LIMITS)
+    started = time.monotonic()
+    with open_raw_stream(server, sent, content_length=400) as sock:
+        answer = b""
+        while piece := sock.recv(65536):  # to the end: the server closes the connection
+            answer += piece
+    took = time.monotonic() - started
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert 0.9 < took < 4, took
+    assert len(server.log_lines("status=408")) >= 1
+
+
+def flood(server, count):
+    """`count` connections that each send a chat request's headers, and never its body."""
+    head = (b"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 400\r\n\r\n")
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(head)
+        sockets.append(sock)
+    return sockets
+
+
+def open_connections(pid):
+    """The TCP sockets a process holds, from /proc."""
+    return sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir()
+               if fd.exists() and "socket:" in str(fd.readlink()))
+
+
+@pytest.mark.parametrize("folder", ["openai-sse", "basic"])
+def test_a_flood_of_unfinished_requests_does_not_keep_callers_out(folder, fake, log_dir):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2400:  # this process holds the flood's 2,000 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    server = own_server(folder, fake, log_dir)
+    try:
+        unloaded = [time_to_first_words(server, body("alone"))[0] for _ in range(3)]
+        started = time.monotonic()
+        attackers = flood(server, 2000)
+        during = [time_to_first_words(server, body("during"))[0] for _ in range(6)]
+        held = [open_connections(pid) for pid in child_pids(server.process.pid)]
+        assert time.monotonic() - started < 5, "measured before the flood's bodies time out"
+        # the first call may wait while the workers take the flood in; the next ones do not
+        assert max(during) < 3 and sorted(during)[3] < max(unloaded) + 0.3, (unloaded, during)
+        timed_out = 0
+        for sock in attackers[:50]:
+            sock.settimeout(15)
+            timed_out += sock.recv(12).startswith(b"HTTP/1.1 408")
+        assert timed_out == 50
+        FIGURES[f"flood {folder}"] = (
+            f"2,000 connections sending headers only: workers held {held} sockets; a normal "
+            f"call's first words during the flood {[round(t * 1000) for t in during]} ms, before "
+            f"{[round(t * 1000) for t in unloaded]} ms; the unfinished requests got 408")
+        for sock in attackers:
+            sock.close()
     finally:
         server.stop()
