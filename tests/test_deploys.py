@@ -268,3 +268,68 @@ def test_a_flood_of_unfinished_requests_does_not_keep_callers_out(folder, fake, 
             sock.close()
     finally:
         server.stop()
+
+
+def timed_call(server):
+    """(status, seconds to the status or the first words, the answer's events, [DONE] seen,
+    Retry-After) for one streamed call."""
+    started = time.monotonic()
+    with post_chat(server, body("hello"), timeout=30) as response:
+        if response.status_code != 200:
+            return (response.status_code, time.monotonic() - started, response.json(), False,
+                    response.headers.get("Retry-After"))
+        events, first = [], None
+        for line in response.iter_lines(decode_unicode=True):
+            if line == "data: [DONE]":
+                return 200, first, events, True, None
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+                if first is None and streamed_text(events[-1:]):
+                    first = time.monotonic() - started
+        return 200, first, events, False, None
+
+
+def test_over_max_concurrent_calls_a_call_is_answered_503_at_once(folder, start_server):
+    server = start_server(folder, **LIMITS)  # one worker, MAX_CONCURRENT_CALLS=4
+    unloaded = [timed_call(server)[1] for _ in range(3)]
+    results, health = [], []
+
+    def caller(i):
+        if i < 16:
+            results.append(timed_call(server))
+            return
+        time.sleep(0.3)  # /health, while the worker is full
+        started = time.monotonic()
+        health.append((requests.get(server.url + "/health", timeout=5).status_code,
+                       time.monotonic() - started))
+
+    assert not run_at_once(caller, range(17))
+    [(health_status, health_took)] = health
+    assert health_status == 200 and health_took < 0.5
+    admitted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert len(admitted) >= 4 and len(refused) >= 8, [r[:2] for r in results]
+    assert all(done for _, _, _, done, _ in admitted)
+    assert max(r[1] for r in admitted) < max(unloaded) + 0.5, (unloaded, admitted)
+    for status, took, answer, _, retry_after in refused:
+        assert (status, answer["error"]["code"], retry_after) == (503, "server_overloaded", "1")
+        assert took < 0.5
+    FIGURES.setdefault(f"overload {folder}", (
+        f"16 callers at once, MAX_CONCURRENT_CALLS=4: {len(admitted)} admitted, first words "
+        f"{max(r[1] for r in admitted) * 1000:.0f} ms at most (alone "
+        f"{max(unloaded) * 1000:.0f} ms); {len(refused)} got 503 within "
+        f"{max(r[1] for r in refused) * 1000:.0f} ms"))
+
+
+def test_overload_message_is_spoken_instead(fake, start_server):
+    server = start_server("openai-sse", MAX_CONCURRENT_CALLS="1",
+                          OVERLOAD_MESSAGE="Sorry, all our lines are busy. Please call back.")
+    fake.script({"text": "a long answer " * 20, "token_delay": 0.05})
+    with post_chat(server, body("first")) as busy:
+        assert busy.status_code == 200
+        status, took, events, done, _ = timed_call(server)
+    assert (status, done) == (200, True)
+    assert streamed_text(events) == "Sorry, all our lines are busy. Please call back."
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert took < 0.5
+    assert len(server.log_lines("overloaded=spoken")) == 1
