@@ -54,7 +54,7 @@ accesslog = None
 # On a reload the old workers first keep serving until every new worker has imported the app, so
 # new callers never wait on workers that are still booting. (`preload_app` would make booting
 # instant, but then a reload would keep running the old code.)
-CLOSES_IDLE = True
+CLOSES_IDLE = True  # the gevent worker leaves them open: Drain.close_idle closes them
 graceful_timeout = 60  # the longest drain: a long turn is well under it
 HANDOVER_SECONDS = 15  # on a reload, the longest old workers wait for the new ones to boot
 CUT_BEFORE_SECONDS = 2  # calls still running this long before graceful_timeout are cut
@@ -67,22 +67,26 @@ def on_starting(server):
 
 
 def pre_fork(server, worker):
+    """In the master, before each worker starts: count it, and hand it the shared counts."""
     with server.worker_boots.get_lock():
         server.worker_boots[0] += 1
     worker.boots = server.worker_boots
 
 
 def post_worker_init(worker):
+    """In a worker that has loaded the app: count it as booted, and let Drain handle SIGTERM."""
     with worker.boots.get_lock():
         worker.boots[1] += 1
     worker.drain = Drain(worker)
 
 
 def pre_request(worker, req):
+    """A request is in flight (its connection is not idle)."""
     worker.drain.started(req)
 
 
 def post_request(worker, req, environ, resp):
+    """A request has been answered (its connection may now wait, kept alive, for the next)."""
     worker.drain.ended(req, environ, resp)
 
 
