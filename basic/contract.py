@@ -42,7 +42,7 @@ MAX_BODY_BYTES = int(os.getenv("MAX_BODY_BYTES", str(1024 * 1024)))
 LOG_LEVEL = os.getenv("LOG_LEVEL", "INFO").upper()
 FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
 BODY_TIMEOUT_SECONDS = float(os.getenv("BODY_TIMEOUT_SECONDS", "5"))  # then 408
-MAX_CONCURRENT_CALLS = int(os.getenv("MAX_CONCURRENT_CALLS", "50"))  # per worker; 0: no limit
+MAX_CONCURRENT_CALLS = int(os.getenv("MAX_CONCURRENT_CALLS", "25"))  # per worker; 0: no limit
 OVERLOAD_MESSAGE = os.getenv("OVERLOAD_MESSAGE", "")  # empty: a call over the limit gets 503
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,

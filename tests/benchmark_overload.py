@@ -1,14 +1,13 @@
 """Admission control at four times the load two cores serve well: 400 callers making calls back to
 back against a folder with two workers, without a limit and with MAX_CONCURRENT_CALLS.
 
-    python tests/benchmark_overload.py [--folder openai-sse] [--callers 400] [--limits 0,50]
+    python tests/benchmark_overload.py [--folder openai-sse] [--callers 400] [--limits 0,25,50]
 
 It reuses benchmark.py's stand-in (200 ms to the first token, 25 ms between tokens) and its
 load generator; every loop is bounded in count and time. Prints one line per limit."""
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ def main():
     parser.add_argument("--folder", default="openai-sse")
     parser.add_argument("--callers", type=int, default=400)
     parser.add_argument("--seconds", type=float, default=9)
-    parser.add_argument("--limits", default="0,50")
+    parser.add_argument("--limits", default="0,25,50")
     args = parser.parse_args()
     fake_port = benchmark.free_port()
     fake = subprocess.Popen([sys.executable, str(benchmark.ROOT / "tests" / "fake_llm.py"),
@@ -57,10 +56,10 @@ def main():
     time.sleep(1)
     try:
         for limit in args.limits.split(","):
-            os.environ.update(MAX_CONCURRENT_CALLS=limit, WEB_CONCURRENCY="2")
             port = benchmark.free_port()
             with tempfile.TemporaryDirectory() as tmp:
-                server = benchmark.start_server(args.folder, port, fake_port, tmp)
+                server = benchmark.start_server(args.folder, port, fake_port, tmp,
+                                                MAX_CONCURRENT_CALLS=limit, WEB_CONCURRENCY="2")
                 try:
                     target = benchmark.Target(args.folder, port, "/chat/completions", [])
                     admitted, refused, errors = asyncio.run(
