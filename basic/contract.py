@@ -16,14 +16,16 @@ import re
 import socket
 import ssl
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
 from dotenv import load_dotenv
-from flask import g, request
-from werkzeug.exceptions import HTTPException
+from flask import Response, g, request
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 HERE = Path(__file__).resolve().parent
 load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
@@ -109,6 +111,9 @@ CUSTOM_LLM_API_KEYS = [key.strip().encode()
 MAX_BODY_BYTES = setting("MAX_BODY_BYTES", 1024 * 1024, int, 1)
 LOG_LEVEL = setting("LOG_LEVEL", "INFO", log_level, expected="DEBUG, INFO, WARNING or ERROR")
 FLASK_DEBUG = flag("FLASK_DEBUG")  # never on a server exposed through ngrok
+BODY_TIMEOUT_SECONDS = setting("BODY_TIMEOUT_SECONDS", 5.0, float, 0.1)  # then 408
+MAX_CONCURRENT_CALLS = setting("MAX_CONCURRENT_CALLS", 25, int, 0)  # per worker; 0: no limit
+OVERLOAD_MESSAGE = setting("OVERLOAD_MESSAGE", "")  # empty: a call over the limit gets 503
 
 # The OpenAI chat parameters sent on to the provider. Everything else Vapi adds (call, customer,
 # phoneNumber, metadata, ...) stays here: OpenAI rejects unknown parameters, and phoneNumber can
@@ -162,6 +167,23 @@ class ProviderFailed(ChatError):
         """`provider:<its code>` when the provider said why, so that its rejection (a wrong
         OPENAI_API_KEY) and ours (a wrong CUSTOM_LLM_API_KEY) can never be confused."""
         return f"provider:{self.provider_code}" if self.provider_code else super().logged()
+
+
+class Overloaded(ChatError):
+    """This worker already serves MAX_CONCURRENT_CALLS calls: answered at once, so that the calls
+    it serves keep their speed (Vapi: pipeline-error-custom-llm-503-server-overloaded-error)."""
+
+    def __init__(self):
+        super().__init__(503, "The server is at its limit of simultaneous calls; retry shortly.",
+                         "server_error", code="server_overloaded")
+
+
+class ServerShuttingDown(ChatError):
+    """The server is stopping and this call outlasted its drain (gunicorn's graceful_timeout)."""
+
+    def __init__(self):
+        super().__init__(503, "The server is shutting down; the answer was cut short.",
+                         "server_error", code="server_shutting_down")
 
 
 @dataclasses.dataclass
@@ -233,7 +255,7 @@ def read_chat_request():
     if not request.is_json:
         raise ChatError(400, "Content-Type must be application/json.", code="invalid_content_type")
     try:
-        body = json.loads(request.get_data(), parse_constant=reject_constant)
+        body = json.loads(read_body(), parse_constant=reject_constant)
     except (ValueError, RecursionError):
         raise ChatError(400, "The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -278,7 +300,66 @@ def read_chat_request():
     if not OPENAI_API_KEY:
         raise ChatError(500, "OPENAI_API_KEY is not set on this server.", "server_error",
                         code="missing_api_key")
+    CALLS.admit(turn)  # raises Overloaded
     return turn
+
+
+def read_body():
+    """The request body, or ChatError 408 when it stops arriving for BODY_TIMEOUT_SECONDS: a flood
+    of requests that never finish must not hold the worker. gunicorn then closes the connection."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:  # not under gunicorn
+        return request.get_data()
+    previous = sock.gettimeout()
+    sock.settimeout(BODY_TIMEOUT_SECONDS)  # for each read: a trickle of bytes keeps it going
+    try:
+        return request.get_data()
+    except ClientDisconnected as exc:
+        if isinstance(exc.__context__, TimeoutError):
+            raise ChatError(408, "The request body did not arrive in time (BODY_TIMEOUT_SECONDS).",
+                            code="request_timeout") from None
+        raise
+    finally:
+        sock.settimeout(previous)
+
+
+class Calls:
+    """The calls this worker process is answering: admission control, and the calls to cut when a
+    shutdown outlasts its drain (gunicorn.conf.py)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.running = {}  # id(turn): (turn, the greenlet or thread answering it)
+        self.lock = threading.Lock()
+
+    def admit(self, turn):
+        """Count the call in, or raise Overloaded when MAX_CONCURRENT_CALLS are running."""
+        gevent = sys.modules.get("gevent")  # loaded by gunicorn's gevent worker, not by gthread
+        task = gevent.getcurrent() if gevent else threading.current_thread()
+        with self.lock:
+            if self.limit and len(self.running) >= self.limit:
+                raise Overloaded()
+            self.running[id(turn)] = (turn, task)
+
+    def release(self, turn):
+        """Count the call out, once its answer has been sent or has failed."""
+        with self.lock:
+            self.running.pop(id(turn), None)
+
+    def cut(self):
+        """End every call still running: a greenlet gets ServerShuttingDown where it waits (its
+        stream ends with an error event and [DONE]); a thread cannot be interrupted, so its log line
+        is written now. Either way the log line says cut_by=shutdown."""
+        for turn, task in list(self.running.values()):
+            turn.steps["cut_by"] = "shutdown"
+            if hasattr(task, "kill"):
+                task.kill(ServerShuttingDown(), block=False)
+            else:
+                log_line(turn, 503)
+        return len(self.running)
+
+
+CALLS = Calls(MAX_CONCURRENT_CALLS)
 
 
 def authorized(authorization):
@@ -451,6 +532,22 @@ def init_app(app, **summary):
         g.turn.error = exc.logged()
         return exc.body(), exc.status
 
+    @app.errorhandler(Overloaded)
+    def overloaded(exc):
+        """503 with Retry-After; with OVERLOAD_MESSAGE, a stream says it instead, then [DONE]."""
+        turn = g.turn
+        if not (OVERLOAD_MESSAGE and turn.stream):
+            return *chat_error(exc), {"Retry-After": "1"}
+        turn.steps["overloaded"] = "spoken"
+        turn.first_token_at, turn.chunks = time.perf_counter(), 2
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": turn.upstream["model"]}
+        events = [sse({**head, "choices": [{"index": 0, "finish_reason": None, "delta": {
+                      "role": "assistant", "content": OVERLOAD_MESSAGE}}]}),
+                  sse({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+                  b"data: [DONE]\n\n"]
+        return Response(events, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     @app.errorhandler(HTTPException)
     def http_error(exc):
         """404, 405, 413 ... as OpenAI-shaped JSON instead of Flask's HTML page."""
@@ -477,6 +574,14 @@ def init_app(app, **summary):
             response.call_on_close(lambda: log_line(turn, response.status_code))
         elif request.endpoint != "health":
             log_line(turn, response.status_code)
+        return response
+
+    @app.after_request
+    def release_call(response):
+        """An admitted call counts until its answer has been sent (or the caller went away)."""
+        turn = g.turn
+        if id(turn) in CALLS.running:
+            response.call_on_close(lambda: CALLS.release(turn))
         return response
 
     @app.get("/health")

@@ -9,8 +9,15 @@ library before it imports app.py; streaming depends on that (provider_stream.py)
 `flask run` refuses streams and `python app.py` runs gunicorn.
 """
 
+import multiprocessing
 import os
+import resource
+import signal
+import socket
 import sys
+import threading
+import time
+import weakref
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -40,9 +47,16 @@ def whole_number(name, default, minimum, maximum=None):
 
 bind = f"0.0.0.0:{whole_number('PORT', 8000, 1, 65535)}"
 worker_class = "gevent"
-# One process per core; each serves up to `worker_connections` simultaneous calls.
+# One process per core; each holds up to `worker_connections` connections. An idle or half-sent
+# one costs a greenlet and a file descriptor: many fit beside the calls a worker answers (at most
+# MAX_CONCURRENT_CALLS, contract.py), so a flood of them does not keep callers out.
 workers = whole_number("WEB_CONCURRENCY", 2, 1)
-worker_connections = whole_number("WORKER_CONNECTIONS", 1000, 1)
+worker_connections = whole_number("WORKER_CONNECTIONS", 10000, 1)
+# A file descriptor per connection: raise the soft limit (often 1024) as far as the hard one.
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft != resource.RLIM_INFINITY and soft < worker_connections + 100:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (worker_connections + 100 if hard < 0
+                                                else min(worker_connections + 100, hard), hard))
 # Vapi and ngrok reuse connections between turns: keep idle ones open for a while.
 keepalive = 30
 # The worker heartbeat, not a limit on how long a stream may run.
@@ -56,3 +70,111 @@ def post_fork(server, worker):
     the start-up summary and stops gunicorn on a wrong setting (contract.py FIRST_WORKER): simpler
     than logging from this master process, which never imports the app."""
     os.environ["GUNICORN_WORKER_AGE"] = str(worker.age)
+
+
+# --- Deploys: reload (`kill -HUP`) and stop (`kill -TERM`) without cutting a call ---------------
+# gunicorn tells each old worker to stop with SIGTERM: it stops accepting and waits for its
+# connections. Left alone, a kept-alive connection would hold it until `keepalive` runs out, and
+# a next turn sent on it meanwhile would be cut at `graceful_timeout`. So a draining worker closes
+# every kept-alive connection with no request in flight, and one with a call in flight is closed
+# once that answer is sent: the caller's client reconnects, to a new worker on a reload, to
+# another instance on a stop. The worker exits as soon as its last call ends (within a second).
+# On a reload the old workers first keep serving until every new worker has imported the app, so
+# new callers never wait on workers that are still booting. (`preload_app` would make booting
+# instant, but then a reload would keep running the old code.)
+CLOSES_IDLE = True  # the gevent worker leaves them open: Drain.close_idle closes them
+graceful_timeout = 60  # the longest drain: a long turn is well under it
+HANDOVER_SECONDS = 15  # on a reload, the longest old workers wait for the new ones to boot
+CUT_BEFORE_SECONDS = 2  # calls still running this long before graceful_timeout are cut
+
+
+def on_starting(server):
+    """In the master: count the workers started and those that have loaded the app, in memory the
+    workers share (kept on the arbiter, which outlives the re-reading of this file on a reload)."""
+    server.worker_boots = multiprocessing.Array("i", [0, 0])
+
+
+def pre_fork(server, worker):
+    """In the master, before each worker starts: count it, and hand it the shared counts."""
+    with server.worker_boots.get_lock():
+        server.worker_boots[0] += 1
+    worker.boots = server.worker_boots
+
+
+def post_worker_init(worker):
+    """In a worker that has loaded the app: count it as booted, and let Drain handle SIGTERM."""
+    with worker.boots.get_lock():
+        worker.boots[1] += 1
+    worker.drain = Drain(worker)
+
+
+def pre_request(worker, req):
+    """A request is in flight (its connection is not idle)."""
+    worker.drain.started(req)
+
+
+def post_request(worker, req, environ, resp):
+    """A request has been answered (its connection may now wait, kept alive, for the next)."""
+    worker.drain.ended(req, environ, resp)
+
+
+class Drain:
+    """One worker's requests in flight and idle kept-alive connections, and its way of stopping."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.in_flight = set()  # gunicorn's requests being answered
+        self.idle = weakref.WeakSet()  # kept-alive sockets waiting for their next request
+        self.told_to_stop = False
+        self.stop = signal.getsignal(signal.SIGTERM)  # gunicorn's: stop accepting, then exit
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "told_to_stop", True))
+        threading.Thread(target=self.run, daemon=True).start()  # a greenlet under gevent
+
+    def started(self, req):
+        self.idle.discard(req.unreader.sock)
+        self.in_flight.add(req)
+
+    def ended(self, req, environ, resp):
+        self.in_flight.discard(req)
+        if CLOSES_IDLE and resp is not None and resp.headers_sent and not resp.should_close():
+            self.idle.add(environ["gunicorn.socket"])
+
+    def run(self):
+        """Wait for SIGTERM; on a reload, for the new workers to boot; then drain, and cut the
+        calls still running just before graceful_timeout."""
+        while not self.told_to_stop and self.worker.alive:
+            time.sleep(0.1)
+        handover_ends = time.monotonic() + HANDOVER_SECONDS
+        while self.new_workers_booting() and time.monotonic() < handover_ends:
+            time.sleep(0.1)
+        self.stop(signal.SIGTERM, None)
+        cut_at = time.monotonic() + self.worker.cfg.graceful_timeout - CUT_BEFORE_SECONDS
+        while time.monotonic() < cut_at:
+            for req in list(self.in_flight):
+                req.must_close = True  # "Connection: close", closed once its answer is sent
+            self.close_idle()
+            time.sleep(0.1)
+        import contract  # the app's, loaded by this worker
+        contract.CALLS.cut()
+
+    def new_workers_booting(self):
+        """Whether the master started workers that have not loaded the app yet (a reload)."""
+        started, booted = self.worker.boots
+        return booted < started and os.getppid() == self.worker.ppid
+
+    def close_idle(self):
+        """Close the idle kept-alive connections on which no request is arriving."""
+        for sock in list(self.idle):
+            if sock.fileno() == -1:  # closed meanwhile
+                continue
+            timeout = sock.gettimeout()
+            try:
+                sock.settimeout(0)
+                arriving = sock.recv(1, socket.MSG_PEEK)  # b"": the caller has closed it
+            except BlockingIOError:  # nothing sent
+                arriving = b""
+            finally:
+                sock.settimeout(timeout)
+            if not arriving:
+                self.idle.discard(sock)
+                sock.shutdown(socket.SHUT_RDWR)  # its worker reads the end and closes it

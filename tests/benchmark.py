@@ -242,11 +242,14 @@ async def hang_up_propagation(target, before_first_token, trials):
     return delays
 
 
-def start_server(folder, port, fake_port, tmp):
+def start_server(folder, port, fake_port, tmp, **settings):
+    """The folder under gunicorn; no MAX_CONCURRENT_CALLS unless `settings` set one: the benchmark
+    measures what the server holds."""
     env = {**os.environ, "PORT": str(port), "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
            "OPENAI_API_KEY": "sk-benchmark", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "",
-           "LOG_LEVEL": "WARNING",
-           "OPENAI_MAX_RETRIES": "0", "MEMORY_DB_PATH": str(Path(tmp) / f"{folder}-memory.sqlite3")}
+           "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_CALLS": "0",
+           "OPENAI_MAX_RETRIES": "0", "MEMORY_DB_PATH": str(Path(tmp) / f"{folder}-memory.sqlite3"),
+           **settings}
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
         cwd=ROOT / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

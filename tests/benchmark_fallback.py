@@ -39,7 +39,8 @@ def start_advanced(tmp, primary_port, **env):
     full_env = {**os.environ, "PORT": str(port), "OPENAI_API_KEY": "sk-benchmark",
                 "OPENAI_BASE_URL": f"http://127.0.0.1:{primary_port}/v1", "LOG_LEVEL": "WARNING",
                 "OPENAI_MAX_RETRIES": "0", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "",
-                "OPENAI_TIMEOUT_SECONDS": "15", "FALLBACK_BASE_URL": "", "HEDGE_AFTER_MS": "1500",
+                "MAX_CONCURRENT_CALLS": "0", "OPENAI_TIMEOUT_SECONDS": "15",
+                "FALLBACK_BASE_URL": "", "HEDGE_AFTER_MS": "1500",
                 "MEMORY_DB_PATH": str(Path(tmp) / f"memory-{port}.sqlite3"), **env}
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "app:app", "--bind",
                                 f"127.0.0.1:{port}"], cwd=ROOT / "openai-advanced", env=full_env,

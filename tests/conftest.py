@@ -49,6 +49,9 @@ BASE_ENV = {
     "LOG_LEVEL": "INFO",
     "FLASK_DEBUG": "",
     "WEB_CONCURRENCY": "1",
+    "MAX_CONCURRENT_CALLS": "0",  # tests of many calls at once; test_deploys.py sets its own
+    "OVERLOAD_MESSAGE": "",
+    "BODY_TIMEOUT_SECONDS": "5",
     # openai-advanced
     "KNOWLEDGE_DIR": "",
     "MEMORY_ENABLED": "1",
