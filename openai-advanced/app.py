@@ -11,7 +11,6 @@ import time
 import zoneinfo
 from pathlib import Path
 
-import gevent
 import openai
 from flask import Flask, Response, request
 
@@ -19,7 +18,7 @@ from contract import (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MAX_RETRIES,
                       OPENAI_TIMEOUT_SECONDS, base_url, error_event, flag, init_app,
                       read_chat_request, run_with_gunicorn, setting, sse, warm_up)
 from knowledge import Knowledge
-from memory import MemoryUnavailable, open_memory
+from memory import MemoryUnavailable, open_memory, remember_later
 from prompt import Prompt, RewriteSkipped, caller_number, rewrite_utterance, text_of
 from provider_stream import CallerHungUp, keep_warm, keepalive_http_client, start_relay
 from providers import Providers
@@ -285,24 +284,10 @@ def shape_request(turn):
 
 
 def remember(turn, answer):
-    """Store a completed turn in the background. A failed write is logged by memory.py; it never
-    reaches the caller."""
+    """Store a completed turn in the background (memory.py); an empty answer is not worth it."""
     assistant_text = answer.remembered()
-    if not (memory and answer.caller and answer.user_text and assistant_text):
-        return  # an empty answer is not worth remembering
-
-    def write():
-        try:
-            memory.remember(turn.call_id, answer.caller, answer.user_text, assistant_text)
-        except MemoryUnavailable:  # logged by memory.py
-            pass
-
-    # SQLite waits for the disk holding the whole worker: a real thread. psycopg waits for
-    # PostgreSQL through gevent, as a socket does: a greenlet.
-    if memory.blocking:
-        gevent.get_hub().threadpool.spawn(write)
-    else:
-        gevent.spawn(write)
+    if memory and answer.caller and answer.user_text and assistant_text:
+        remember_later(memory, turn.call_id, answer.caller, answer.user_text, assistant_text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import gevent
+
 from contract import setting  # it loads .env: for `python memory.py ...` too
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +43,22 @@ def open_memory():
     if MEMORY_DATABASE_URL:
         return PostgresMemory(MEMORY_DATABASE_URL, MEMORY_RETENTION_DAYS)
     return Memory(MEMORY_DB_PATH, MEMORY_RETENTION_DAYS)
+
+
+def remember_later(memory, call_id, caller, user_text, assistant_text):
+    """Store a turn without holding up the call; a failed write is logged here, never raised.
+    SQLite waits for the disk holding the whole worker: a real thread. psycopg waits for
+    PostgreSQL through gevent, as a socket does: a greenlet."""
+    def write():
+        try:
+            memory.remember(call_id, caller, user_text, assistant_text)
+        except MemoryUnavailable:  # logged where it failed
+            pass
+
+    if memory.blocking:
+        gevent.get_hub().threadpool.spawn(write)
+    else:
+        gevent.spawn(write)
 
 
 # --- SQLite: the default, one file beside the server ----------------------------------------------

@@ -21,7 +21,9 @@ from fake_llm import FakeLLM
 GUNICORN_SETTINGS = {"basic": ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS"),
                      "openai-sse": ("PORT", "WEB_CONCURRENCY", "WORKER_CONNECTIONS"),
                      "openai-advanced": ("PORT", "WEB_CONCURRENCY", "WORKER_CONNECTIONS")}
-CONTRACT_SETTINGS = ("OPENAI_TIMEOUT_SECONDS", "OPENAI_MAX_RETRIES", "MAX_BODY_BYTES", "LOG_LEVEL")
+CONTRACT_SETTINGS = ("OPENAI_TIMEOUT_SECONDS", "OPENAI_MAX_RETRIES", "MAX_BODY_BYTES", "LOG_LEVEL",
+                     "BODY_TIMEOUT_SECONDS", "MAX_CONCURRENT_CALLS")
+STREAM_SETTINGS = ("PROVIDER_KEEPALIVE_SECONDS", "KEEP_WARM_SECONDS")  # provider_stream.py
 ADVANCED_SETTINGS = ("BUSINESS_TIMEZONE", "KNOWLEDGE_MAX_PASSAGES", "KNOWLEDGE_MAX_CHARS",
                      "MEMORY_MAX_TURNS", "REWRITE_BUDGET_MS", "AVAILABILITY_TIMEOUT_SECONDS",
                      "MAX_TOOL_ROUNDS", "HEDGE_AFTER_MS", "MEMORY_RETENTION_DAYS")
@@ -65,6 +67,7 @@ GUNICORN = [sys.executable, "-m", "gunicorn", "app:app"]
 CASES = [(folder, name) for folder in FOLDERS for name in GUNICORN_SETTINGS[folder]]
 CASES += [("basic", name) for name in CONTRACT_SETTINGS if "basic" in FOLDERS]
 CASES += [(folder, "OPENAI_TIMEOUT_SECONDS") for folder in STREAMING_FOLDERS]  # gevent workers
+CASES += [("openai-sse", name) for name in STREAM_SETTINGS if "openai-sse" in FOLDERS]
 CASES += [("openai-advanced", name) for name in ADVANCED_SETTINGS if "openai-advanced" in FOLDERS]
 
 
@@ -89,6 +92,7 @@ def test_empty_settings_mean_the_defaults(folder, fake, tmp_path):
     """Every number left empty in the folder's .env, as a copied .env with blanked lines has it."""
     names = GUNICORN_SETTINGS[folder] + CONTRACT_SETTINGS
     names += ADVANCED_SETTINGS if folder == "openai-advanced" else ()
+    names += STREAM_SETTINGS if folder in STREAMING_FOLDERS else ()
     copy, env = copy_with_dotenv(folder, tmp_path, {"OPENAI_BASE_URL": fake.base_url,
                                                     **dict.fromkeys(names, "")})
     port = free_port()
