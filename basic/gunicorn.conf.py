@@ -4,6 +4,7 @@ Each call holds one thread while it waits for the model (seconds). The default `
 one call per process and kills any request that outlasts `timeout`, so it would put callers in a
 queue of dead air: use threads instead."""
 
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -63,10 +64,16 @@ accesslog = None
 
 
 def post_fork(server, worker):
-    """Tell the app which worker this is (1: the first started), so that only the first one logs
-    the start-up summary and stops gunicorn on a wrong setting (contract.py FIRST_WORKER): simpler
-    than logging from this master process, which never imports the app."""
-    os.environ["GUNICORN_WORKER_AGE"] = str(worker.age)
+    """Tell the app whether it is the first worker of a start or a reload, so that only that one
+    logs the start-up summary and stops gunicorn on a wrong setting (contract.py FIRST_WORKER):
+    simpler than logging from this master process, which never imports the app."""
+    first = worker.age == getattr(server, "first_worker_age", 1)
+    os.environ["GUNICORN_FIRST_WORKER"] = "1" if first else "0"
+
+
+def on_reload(server):
+    """In the master, before a reload starts new workers: the next one started is their first."""
+    server.first_worker_age = server.worker_age + 1
 
 
 # --- Deploys: reload (`kill -HUP`) and stop (`kill -TERM`) without cutting a call ---------------
@@ -141,11 +148,12 @@ class Drain:
         calls still running just before graceful_timeout."""
         while not self.told_to_stop and self.worker.alive:
             time.sleep(0.1)
-        handover_ends = time.monotonic() + HANDOVER_SECONDS
+        told_at = time.monotonic()  # the master kills the worker graceful_timeout from now
+        handover_ends = told_at + HANDOVER_SECONDS
         while self.new_workers_booting() and time.monotonic() < handover_ends:
             time.sleep(0.1)
         self.stop(signal.SIGTERM, None)
-        cut_at = time.monotonic() + self.worker.cfg.graceful_timeout - CUT_BEFORE_SECONDS
+        cut_at = told_at + self.worker.cfg.graceful_timeout - CUT_BEFORE_SECONDS
         while time.monotonic() < cut_at:
             for req in list(self.in_flight):
                 req.must_close = True  # "Connection: close", closed once its answer is sent
@@ -168,10 +176,11 @@ class Drain:
             try:
                 sock.settimeout(0)
                 arriving = sock.recv(1, socket.MSG_PEEK)  # b"": the caller has closed it
-            except BlockingIOError:  # nothing sent
+            except OSError:  # nothing sent (BlockingIOError), or reset by the caller
                 arriving = b""
             finally:
                 sock.settimeout(timeout)
             if not arriving:
                 self.idle.discard(sock)
-                sock.shutdown(socket.SHUT_RDWR)  # its worker reads the end and closes it
+                with contextlib.suppress(OSError):  # closed by the caller meanwhile
+                    sock.shutdown(socket.SHUT_RDWR)  # its worker reads the end and closes it

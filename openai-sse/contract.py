@@ -1,8 +1,10 @@
 """What every server folder does the same way: identical in basic/, openai-sse/, openai-advanced/.
 
 Settings from the environment and .env, the bearer check, the request checks and the allow-list of
-OpenAI parameters, errors in OpenAI's shape, and one log line per request live here, so that each
-app.py can start with its lesson. Change it in one folder, copy it to the others (a test compares).
+OpenAI parameters, the request as each model takes it, errors in OpenAI's shape, the request body's
+time limit, the limit of calls a worker answers at once and the calls cut by a shutdown, and one log
+line per request live here, so that each app.py can start with its lesson. Change it in one
+folder, copy it to the others (a test compares).
 Spec followed: https://docs.vapi.ai/customization/custom-llm/using-your-server
 """
 
@@ -31,9 +33,9 @@ HERE = Path(__file__).resolve().parent
 load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
 
 
-# Under gunicorn, the number of the worker process (1: the first one started); gunicorn.conf.py
-# sets it. Without gunicorn there is one process, which counts as the first.
-FIRST_WORKER = os.getenv("GUNICORN_WORKER_AGE", "1") == "1"
+# Under gunicorn, whether this is the first worker process of a start or a reload (gunicorn.conf.py
+# sets it). Without gunicorn there is one process, which counts as the first.
+FIRST_WORKER = os.getenv("GUNICORN_FIRST_WORKER", "1") == "1"
 START_UP_WARNINGS = []  # said once per server, at start-up (log_start_up)
 
 
@@ -348,15 +350,20 @@ class Calls:
 
     def cut(self):
         """End every call still running: a greenlet gets ServerShuttingDown where it waits (its
-        stream ends with an error event and [DONE]); a thread cannot be interrupted, so its log line
-        is written now. Either way the log line says cut_by=shutdown."""
-        for turn, task in list(self.running.values()):
+        stream ends with an error event and [DONE]; its log line says cut_by=shutdown). A thread
+        cannot be interrupted: a WARNING says how many calls the worker's exit will cut."""
+        with self.lock:
+            running = list(self.running.values())
+        threads = 0
+        for turn, task in running:
             turn.steps["cut_by"] = "shutdown"
             if hasattr(task, "kill"):
                 task.kill(ServerShuttingDown(), block=False)
             else:
-                log_line(turn, 503)
-        return len(self.running)
+                threads += 1
+        if threads:
+            log.warning("%d calls still running at the end of the drain (graceful_timeout): the "
+                        "worker's exit cuts them", threads)
 
 
 CALLS = Calls(MAX_CONCURRENT_CALLS)
@@ -567,21 +574,21 @@ def init_app(app, **summary):
         g.turn = Turn(time.perf_counter(), f"{request.method} {request.path[:100]}")
 
     @app.after_request
-    def log_request(response):
-        """Write the log line now; for a stream, once the server closes it after its last byte."""
+    def finish_turn(response):
+        """Count the call out and write its log line: now, or for a stream once the server closes
+        it after its last byte (or the caller went away)."""
         turn = g.turn
-        if request.endpoint != "health" and response.is_streamed:
-            response.call_on_close(lambda: log_line(turn, response.status_code))
-        elif request.endpoint != "health":
-            log_line(turn, response.status_code)
-        return response
 
-    @app.after_request
-    def release_call(response):
-        """An admitted call counts until its answer has been sent (or the caller went away)."""
-        turn = g.turn
-        if id(turn) in CALLS.running:
-            response.call_on_close(lambda: CALLS.release(turn))
+        def finish():
+            CALLS.release(turn)
+            log_line(turn, response.status_code)
+
+        if request.endpoint == "health":
+            pass
+        elif response.is_streamed:
+            response.call_on_close(finish)
+        else:
+            finish()
         return response
 
     @app.get("/health")

@@ -57,6 +57,10 @@ def turn(session, server, text):
                 return "cut"
             return "done"
     except requests.ConnectionError:
+        # requests raises it only before the answer's first byte: the connection was refused, or
+        # reset as the draining worker closed it just as the turn was sent. Either way the turn
+        # never started (the OpenAI SDKs retry connection errors); one cut mid-answer is a
+        # ChunkedEncodingError or a timeout, below.
         return "refused"
     except requests.RequestException as exc:
         return f"cut: {exc!r}"
@@ -147,6 +151,8 @@ def test_reload_cuts_no_turn_and_new_callers_hear_no_silence(folder, fake, log_d
         old_gone = old_gone.get("at", time.monotonic()) - hup_at
         assert len(child_pids(server.process.pid)) == 2
         assert max(probes) < 1.5, f"a new caller waited {max(probes):.2f} s for the first words"
+        assert len(server.log_lines("starting with ")) == 2, \
+            "the first worker of the start and the first of the reload each say what they run with"
         FIGURES[f"reload {folder}"] = (
             f"60 of 60 turns done; new callers' first words during the reload: median "
             f"{sorted(probes)[len(probes) // 2] * 1000:.0f} ms, max {max(probes) * 1000:.0f} ms "
@@ -308,7 +314,7 @@ def test_over_max_concurrent_calls_a_call_is_answered_503_at_once(folder, start_
     assert health_status == 200 and health_took < 0.5
     admitted = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] != 200]
-    assert len(admitted) >= 4 and len(refused) >= 8, [r[:2] for r in results]
+    assert 4 <= len(admitted) <= 6 and len(refused) >= 8, [r[:2] for r in results]
     assert all(done for _, _, _, done, _ in admitted)
     assert max(r[1] for r in admitted) < max(unloaded) + 0.5, (unloaded, admitted)
     for status, took, answer, _, retry_after in refused:

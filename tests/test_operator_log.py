@@ -28,7 +28,8 @@ ADVANCED_SETTINGS = ("BUSINESS_TIMEZONE", "KNOWLEDGE_MAX_PASSAGES", "KNOWLEDGE_M
                      "MEMORY_MAX_TURNS", "REWRITE_BUDGET_MS", "AVAILABILITY_TIMEOUT_SECONDS",
                      "MAX_TOOL_ROUNDS", "HEDGE_AFTER_MS", "MEMORY_RETENTION_DAYS")
 WRONG = {"PORT": "70000", "WEB_CONCURRENCY": "two", "LOG_LEVEL": "chatty",
-         "BUSINESS_TIMEZONE": "Mars/Olympus", "HEDGE_AFTER_MS": "-5"}  # the others: "abc"
+         "BUSINESS_TIMEZONE": "Mars/Olympus", "HEDGE_AFTER_MS": "-5", "MAX_CONCURRENT_CALLS": "-1",
+         "BODY_TIMEOUT_SECONDS": "0", "PROVIDER_KEEPALIVE_SECONDS": "0"}  # the others: "abc"
 
 
 def copy_with_dotenv(folder, tmp_path, settings):
