@@ -87,6 +87,9 @@ def base_url(name):
     """A provider's base URL; one pasted with the endpoint's /chat/completions is cut back to the
     base (the SDK appends /chat/completions itself), with a warning at start-up."""
     url = os.getenv(name, "").strip().rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        stop_start_up(f"{name}={url!r} in .env or the environment: expected a URL that starts "
+                      "with http:// or https:// (empty means the default)")
     if url.endswith("/chat/completions"):
         url = url.removesuffix("/chat/completions")
         START_UP_WARNINGS.append(f"{name} ends with /chat/completions: using {shown_url(url)} "
@@ -229,7 +232,8 @@ class Turn:
         reason = self.steps["no_words"] = finish_reason or self.finish_reason or "empty"
         if reason == "length":
             log.warning("model %r used its whole token budget before saying a word: raise the "
-                        "assistant's Max Tokens in Vapi, or lower OPENAI_REASONING_EFFORT",
+                        "assistant's Max Tokens in Vapi, or set OPENAI_REASONING_EFFORT lower "
+                        "(minimal on gpt-5, none from gpt-5.1, low on the o-series)",
                         self.upstream["model"])
 
 

@@ -29,7 +29,8 @@ ADVANCED_SETTINGS = ("BUSINESS_TIMEZONE", "KNOWLEDGE_MAX_PASSAGES", "KNOWLEDGE_M
                      "MAX_TOOL_ROUNDS", "HEDGE_AFTER_MS", "MEMORY_RETENTION_DAYS")
 WRONG = {"PORT": "70000", "WEB_CONCURRENCY": "two", "LOG_LEVEL": "chatty",
          "BUSINESS_TIMEZONE": "Mars/Olympus", "HEDGE_AFTER_MS": "-5", "MAX_CONCURRENT_CALLS": "-1",
-         "BODY_TIMEOUT_SECONDS": "0", "PROVIDER_KEEPALIVE_SECONDS": "0"}  # the others: "abc"
+         "BODY_TIMEOUT_SECONDS": "0", "PROVIDER_KEEPALIVE_SECONDS": "0",
+         "OPENAI_BASE_URL": "127.0.0.1:9000/v1"}  # the others: "abc"
 
 
 def copy_with_dotenv(folder, tmp_path, settings):
@@ -69,6 +70,7 @@ CASES = [(folder, name) for folder in FOLDERS for name in GUNICORN_SETTINGS[fold
 CASES += [("basic", name) for name in CONTRACT_SETTINGS if "basic" in FOLDERS]
 CASES += [(folder, "OPENAI_TIMEOUT_SECONDS") for folder in STREAMING_FOLDERS]  # gevent workers
 CASES += [("openai-sse", name) for name in STREAM_SETTINGS if "openai-sse" in FOLDERS]
+CASES += [(folder, "OPENAI_BASE_URL") for folder in FOLDERS]  # no http://
 CASES += [("openai-advanced", name) for name in ADVANCED_SETTINGS if "openai-advanced" in FOLDERS]
 
 

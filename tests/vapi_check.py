@@ -21,8 +21,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import requests
-import urllib3
+try:
+    import requests
+    import urllib3
+except ImportError:  # a server folder's own virtualenv has no requests
+    sys.exit("vapi_check.py needs the requests package: pip install requests")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_NAMES = ("metadata-off.json", "first-turn.json", "metadata-destructured.json",
@@ -398,7 +401,7 @@ def check_auth(run):
     refused = run.first.status in (401, 403)
     if not run.key and refused:
         run.blocked = "needs --api-key"
-        return Result("fail", f"{run.first.error()}: the server wants a key",
+        return Result("fail", f"the server wants a key ({run.first.error()})",
                       "run again with --api-key KEY, the API key of the custom-llm credential "
                       "you attached in Vapi (CUSTOM_LLM_API_KEY on the server)")
     if not run.key:
@@ -537,7 +540,9 @@ def check_first_token(run):
     output = output_times(run, tool_calls=True)
     if not output:
         return Result("fail", "the answer carries no words and no tool call: the caller hears "
-                      "nothing", "see the server's log for this turn")
+                      "nothing", "see the server's log for this turn; finish_reason 'length' with "
+                      "no words: a reasoning model spent the token budget thinking (lower its "
+                      "reasoning effort, or raise the assistant's Max Tokens in Vapi)")
     first = output[0][0]
     hint = ("a faster model or provider; the server near Vapi (Vapi's US region runs in AWS "
             "us-west-2; or use Vapi's EU region); fewer steps before the model")
