@@ -1,4 +1,5 @@
-"""gunicorn settings, picked up by `gunicorn app:app` run in this folder.
+"""gunicorn settings, picked up by `gunicorn app:app` run in this folder (identical in openai-sse/
+and openai-advanced/; basic/'s runs threads).
 
 Every streaming call stays open for as long as the model talks (seconds) and relays a few dozen
 small chunks a second. The default `sync` worker holds one call per process and kills any request
@@ -105,14 +106,22 @@ def pre_fork(server, worker):
     """In the master, before each worker starts: count it, and hand it the shared counts."""
     with server.worker_boots.get_lock():
         server.worker_boots[0] += 1
-    worker.boots = server.worker_boots
+    worker.boots, worker.booted = server.worker_boots, multiprocessing.Value("b", 0)
 
 
 def post_worker_init(worker):
     """In a worker that has loaded the app: count it as booted, and let Drain handle SIGTERM."""
     with worker.boots.get_lock():
         worker.boots[1] += 1
+        worker.booted.value = 1
     worker.drain = Drain(worker)
+
+
+def child_exit(server, worker):
+    """In the master: a worker that exited before loading the app is no longer waited for."""
+    with worker.boots.get_lock():
+        if not worker.booted.value:
+            worker.boots[0] -= 1
 
 
 def pre_request(worker, req):

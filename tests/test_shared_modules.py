@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT
 
 ALL_FOLDERS = ["basic", "openai-sse", "openai-advanced"]
-SHARED = {"contract.py": ALL_FOLDERS, "provider_stream.py": ["openai-sse", "openai-advanced"]}
+SHARED = {"contract.py": ALL_FOLDERS, "provider_stream.py": ["openai-sse", "openai-advanced"],
+          "gunicorn.conf.py": ["openai-sse", "openai-advanced"]}  # basic's runs threads instead
 
 
 def python_files(folder):
