@@ -412,6 +412,9 @@ def provider_error(exc):
                                     error.get("code"))
         failed.provider_status = exc.status_code
         failed.provider_code = error.get("code") or error.get("type") or exc.status_code
+        if exc.status_code == 404 and error.get("code") != "model_not_found":
+            log.warning("model provider answered 404 for %s: check the base URL (OpenAI's is "
+                        "https://api.openai.com/v1)", shown_url(str(exc.request.url)))
         return failed
     if not isinstance(exc, (openai.OpenAIError, OSError, ValueError)):  # e.g. the HTTP client's
         log.error("unexpected error from the provider call", exc_info=exc)  # (or a bug): logged

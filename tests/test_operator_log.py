@@ -294,6 +294,16 @@ def test_the_stand_in_answers_only_openais_paths(fake):
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
+def test_a_base_url_with_a_wrong_path_is_named_in_a_warning(folder, start_server, fake):
+    server = start_server(folder, OPENAI_BASE_URL=fake.base_url.removesuffix("/v1") + "/api")
+    response = post_chat(server, load_fixture("first-turn.json"))
+    assert response.status_code == 404
+    assert wait_for(lambda: server.log_lines("model provider answered 404 for "), 3)
+    [warning] = server.log_lines("model provider answered 404 for ")
+    assert "WARNING" in warning and "/api/chat/completions: check the base URL" in warning
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
 def test_a_base_url_with_the_endpoint_is_cut_back_with_a_warning(folder, start_server, fake):
     env = {"OPENAI_BASE_URL": fake.base_url + "/chat/completions/"}
     if folder == "openai-advanced":
