@@ -162,10 +162,13 @@ class Knowledge:
             return []
         rowids = self.matching(words | pairs, -1 if pairs else limit)
         if pairs:  # a passage needs one of the other words or enough of the pairs
-            need = 1 if len(pairs) <= FEW_PAIRS else 2
+            shared = {rowid: len(pairs & self.passages[rowid - 1][2]) for rowid in rowids}
+            # two in common when the question is long, or when a passage has two: then one pair
+            # alone (時間 in "2時間") is a coincidence beside a better answer
+            need = 2 if len(pairs) > FEW_PAIRS or max(shared.values(), default=0) >= 2 else 1
             by_words = set(self.matching(words)) if words else set()
             rowids = [rowid for rowid in rowids if rowid in by_words
-                      or len(pairs & self.passages[rowid - 1][2]) >= need][:limit]
+                      or shared[rowid] >= need][:limit]
         found, used = [], 0
         for rowid in rowids:
             heading, body, _ = self.passages[rowid - 1]

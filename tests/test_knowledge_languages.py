@@ -61,6 +61,13 @@ def test_a_question_in_each_language_gets_the_passage_that_answers_it(clinic, fa
     assert passages and passages[0].startswith(section), passages
 
 
+def test_one_pair_in_common_does_not_bring_a_passage_beside_a_better_one(clinic, fake):
+    passages = passages_for(clinic, fake, "診療時間は何時からですか？")
+    assert passages[0].startswith("[診療案内: 診療時間]")
+    assert not any(p.startswith("[診療案内: 保険]") for p in passages), \
+        "the insurance passage shares only 診療 (in 自費診療) with the question"
+
+
 @pytest.mark.parametrize("question", [
     "ペットを連れて行ってもいいですか", "クレジットカードで払えますか",
     "英語を話せるスタッフはいますか", "子供を連れて行っても大丈夫ですか", "歯が痛いです",
