@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 load_dotenv(HERE / ".env")  # variables already set in the environment win over the file
 
 
+# --- Settings -------------------------------------------------------------------------------------
+
 # Under gunicorn, whether this is the first worker process of a start or a reload (gunicorn.conf.py
 # sets it). Without gunicorn there is one process, which counts as the first.
 FIRST_WORKER = os.getenv("GUNICORN_FIRST_WORKER", "1") == "1"
@@ -144,6 +146,8 @@ logging.getLogger("httpx2").setLevel(logging.WARNING)  # the SDK's HTTP client: 
 log = logging.getLogger("custom-llm")
 
 
+# --- Errors in OpenAI's shape, and the turn -------------------------------------------------------
+
 class ChatError(Exception):
     """An error for the caller: an HTTP status and OpenAI's error fields. Raised before a stream has
     started, it is the response; after, the stream ends with it as one event (error_event)."""
@@ -251,6 +255,8 @@ def has_words(completion):
     return bool(message.content or message.tool_calls)
 
 
+# --- The request ----------------------------------------------------------------------------------
+
 def read_chat_request():
     """Check the bearer token and Vapi's body; returns this request's Turn, or raises ChatError.
     Lenient about what Vapi adds, strict about what goes on: the allow-list builds the request."""
@@ -309,6 +315,24 @@ def read_chat_request():
     CALLS.admit(turn)  # raises Overloaded
     return turn
 
+
+def authorized(authorization):
+    """Check `Authorization: Bearer <key>` against each key of CUSTOM_LLM_API_KEY (comma-separated,
+    so a new key can be added in Vapi before the old one goes), in constant time; open without."""
+    if not CUSTOM_LLM_API_KEYS:
+        return True
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip().encode()
+    matches = [hmac.compare_digest(token, key) for key in CUSTOM_LLM_API_KEYS]  # each, always
+    return scheme.lower() == "bearer" and any(matches)
+
+
+def reject_constant(name):
+    """NaN and Infinity are not JSON: Python would accept them, the provider would not."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# --- Floods, overload and shutdown ----------------------------------------------------------------
 
 def read_body():
     """The request body, or ChatError 408 when it stops arriving for BODY_TIMEOUT_SECONDS: a flood
@@ -373,21 +397,7 @@ class Calls:
 CALLS = Calls(MAX_CONCURRENT_CALLS)
 
 
-def authorized(authorization):
-    """Check `Authorization: Bearer <key>` against each key of CUSTOM_LLM_API_KEY (comma-separated,
-    so a new key can be added in Vapi before the old one goes), in constant time; open without."""
-    if not CUSTOM_LLM_API_KEYS:
-        return True
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip().encode()
-    matches = [hmac.compare_digest(token, key) for key in CUSTOM_LLM_API_KEYS]  # each, always
-    return scheme.lower() == "bearer" and any(matches)
-
-
-def reject_constant(name):
-    """NaN and Infinity are not JSON: Python would accept them, the provider would not."""
-    raise ValueError(f"{name} is not valid JSON")
-
+# --- The provider ---------------------------------------------------------------------------------
 
 def provider_error(exc):
     """The ProviderFailed for an exception from the provider call (the SDK's, a broken answer)."""
@@ -506,6 +516,8 @@ def complete(client, request):
                              code="bad_answer")
     return completion
 
+
+# --- The stream, the app and its log line ---------------------------------------------------------
 
 def sse(payload):
     """One Server-Sent Event: JSON on one `data:` line, so a newline cannot break the framing."""
