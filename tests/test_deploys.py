@@ -215,6 +215,7 @@ LIMITS = {"BODY_TIMEOUT_SECONDS": "1", "MAX_CONCURRENT_CALLS": "4"}
 def test_a_body_that_does_not_arrive_gets_408_and_the_connection_closed(folder, start_server,
                                                                          sent):
     server = start_server(folder, **LIMITS)
+    before = len(server.log_lines("status=408"))
     started = time.monotonic()
     with open_raw_stream(server, sent, content_length=400) as sock:
         answer = b""
@@ -225,7 +226,8 @@ def test_a_body_that_does_not_arrive_gets_408_and_the_connection_closed(folder, 
     assert head.startswith(b"HTTP/1.1 408"), head
     assert json.loads(payload)["error"]["code"] == "request_timeout"
     assert 0.9 < took < 4, took
-    assert len(server.log_lines("status=408")) >= 1
+    assert wait_for(lambda: len(server.log_lines("status=408")) == before + 1, 3), \
+        "this request's own log line"
 
 
 def flood(server, count):
@@ -252,6 +254,7 @@ def test_a_flood_of_unfinished_requests_does_not_keep_callers_out(folder, fake, 
     if soft < 2400:  # this process holds the flood's 2,000 sockets
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     server = own_server(folder, fake, log_dir, BODY_TIMEOUT_SECONDS="8")
+    attackers = []
     try:
         unloaded = [time_to_first_words(server, body("alone"))[0] for _ in range(3)]
         started = time.monotonic()
@@ -259,6 +262,7 @@ def test_a_flood_of_unfinished_requests_does_not_keep_callers_out(folder, fake, 
         during = [time_to_first_words(server, body("during"))[0] for _ in range(6)]
         held = [open_connections(pid) for pid in child_pids(server.process.pid)]
         assert time.monotonic() - started < 8, "measured before the flood's bodies time out"
+        assert sum(held) >= 1900, f"the workers hold (nearly) the whole flood: {held}"
         # the first call may wait while the workers take the flood in; the next ones do not
         assert max(during) < 3 and sorted(during)[3] < max(unloaded) + 0.3, (unloaded, during)
         timed_out = 0
@@ -270,9 +274,9 @@ def test_a_flood_of_unfinished_requests_does_not_keep_callers_out(folder, fake, 
             f"2,000 connections sending headers only: workers held {held} sockets; a normal "
             f"call's first words during the flood {[round(t * 1000) for t in during]} ms, before "
             f"{[round(t * 1000) for t in unloaded]} ms; the unfinished requests got 408")
+    finally:
         for sock in attackers:
             sock.close()
-    finally:
         server.stop()
 
 
