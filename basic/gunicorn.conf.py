@@ -4,16 +4,13 @@ Each call holds one thread while it waits for the model (seconds). The default `
 one call per process and kills any request that outlasts `timeout`, so it would put callers in a
 queue of dead air: use threads instead."""
 
-import contextlib
 import multiprocessing
 import os
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
-import weakref
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -78,15 +75,15 @@ def on_reload(server):
 
 # --- Deploys: reload (`kill -HUP`) and stop (`kill -TERM`) without cutting a call ---------------
 # gunicorn tells each old worker to stop with SIGTERM: it stops accepting and waits for its
-# connections. Left alone, a kept-alive connection would hold it until `keepalive` runs out, and
-# a next turn sent on it meanwhile would be cut at `graceful_timeout`. So a draining worker closes
-# every kept-alive connection with no request in flight, and one with a call in flight is closed
-# once that answer is sent: the caller's client reconnects, to a new worker on a reload, to
-# another instance on a stop. The worker exits as soon as its last call ends (within a second).
-# On a reload the old workers first keep serving until every new worker has imported the app, so
-# new callers never wait on workers that are still booting. (`preload_app` would make booting
-# instant, but then a reload would keep running the old code.)
-CLOSES_IDLE = False  # gthread closes idle kept-alive connections itself, 2 s into a drain
+# connections. Left alone, a kept-alive connection would hold it until `keepalive` runs out, and a
+# next turn sent on it meanwhile would be cut at `graceful_timeout`. So a draining worker closes
+# every kept-alive connection with no request in flight (gthread does that itself, 2 s into the
+# drain), and one with a call in flight is closed once that answer is sent: the caller's client
+# reconnects, to a new worker on a reload, to another instance on a stop. The worker exits as soon
+# as its last call ends (within a second). On a reload the old workers first keep serving until
+# every new worker has imported the app, so new callers never wait on workers that are still
+# booting. (`preload_app` would make booting instant, but then a reload would keep running the old
+# code.)
 graceful_timeout = 60  # the longest drain: a long turn is well under it
 HANDOVER_SECONDS = 15  # on a reload, the longest old workers wait for the new ones to boot
 CUT_BEFORE_SECONDS = 2  # calls still running this long before graceful_timeout are cut
@@ -131,25 +128,23 @@ def post_request(worker, req, environ, resp):
 
 
 class Drain:
-    """One worker's requests in flight and idle kept-alive connections, and its way of stopping."""
+    """One worker's requests in flight, and its way of stopping."""
 
     def __init__(self, worker):
         self.worker = worker
         self.in_flight = set()  # gunicorn's requests being answered
-        self.idle = weakref.WeakSet()  # kept-alive sockets waiting for their next request
         self.told_to_stop = False
         self.stop = signal.getsignal(signal.SIGTERM)  # gunicorn's: stop accepting, then exit
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "told_to_stop", True))
         threading.Thread(target=self.run, daemon=True).start()  # a greenlet under gevent
 
     def started(self, req):
-        self.idle.discard(req.unreader.sock)
+        """A request is being answered."""
         self.in_flight.add(req)
 
     def ended(self, req, environ, resp):
+        """A request has been answered."""
         self.in_flight.discard(req)
-        if CLOSES_IDLE and resp is not None and resp.headers_sent and not resp.should_close():
-            self.idle.add(environ["gunicorn.socket"])
 
     def run(self):
         """Wait for SIGTERM; on a reload, for the new workers to boot; then drain, and cut the
@@ -165,7 +160,6 @@ class Drain:
         while time.monotonic() < cut_at:
             for req in list(self.in_flight):
                 req.must_close = True  # "Connection: close", closed once its answer is sent
-            self.close_idle()
             time.sleep(0.1)
         import contract  # the app's, loaded by this worker
         contract.CALLS.cut()
@@ -174,21 +168,3 @@ class Drain:
         """Whether the master started workers that have not loaded the app yet (a reload)."""
         started, booted = self.worker.boots
         return booted < started and os.getppid() == self.worker.ppid
-
-    def close_idle(self):
-        """Close the idle kept-alive connections on which no request is arriving."""
-        for sock in list(self.idle):
-            if sock.fileno() == -1:  # closed meanwhile
-                continue
-            timeout = sock.gettimeout()
-            try:
-                sock.settimeout(0)
-                arriving = sock.recv(1, socket.MSG_PEEK)  # b"": the caller has closed it
-            except OSError:  # nothing sent (BlockingIOError), or reset by the caller
-                arriving = b""
-            finally:
-                sock.settimeout(timeout)
-            if not arriving:
-                self.idle.discard(sock)
-                with contextlib.suppress(OSError):  # closed by the caller meanwhile
-                    sock.shutdown(socket.SHUT_RDWR)  # its worker reads the end and closes it

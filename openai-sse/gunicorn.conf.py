@@ -90,7 +90,6 @@ def on_reload(server):
 # On a reload the old workers first keep serving until every new worker has imported the app, so
 # new callers never wait on workers that are still booting. (`preload_app` would make booting
 # instant, but then a reload would keep running the old code.)
-CLOSES_IDLE = True  # the gevent worker leaves them open: Drain.close_idle closes them
 graceful_timeout = 60  # the longest drain: a long turn is well under it
 HANDOVER_SECONDS = 15  # on a reload, the longest old workers wait for the new ones to boot
 CUT_BEFORE_SECONDS = 2  # calls still running this long before graceful_timeout are cut
@@ -147,12 +146,15 @@ class Drain:
         threading.Thread(target=self.run, daemon=True).start()  # a greenlet under gevent
 
     def started(self, req):
+        """A request is being answered: its connection is not idle."""
         self.idle.discard(req.unreader.sock)
         self.in_flight.add(req)
 
     def ended(self, req, environ, resp):
+        """A request has been answered: its connection waits, kept alive, for the next (the gevent
+        worker leaves it open while draining: close_idle closes it)."""
         self.in_flight.discard(req)
-        if CLOSES_IDLE and resp is not None and resp.headers_sent and not resp.should_close():
+        if resp is not None and resp.headers_sent and not resp.should_close():
             self.idle.add(environ["gunicorn.socket"])
 
     def run(self):
