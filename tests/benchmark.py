@@ -242,17 +242,19 @@ async def hang_up_propagation(target, before_first_token, trials):
     return delays
 
 
-def start_server(folder, port, fake_port, tmp, **settings):
-    """The folder under gunicorn; no MAX_CONCURRENT_CALLS unless `settings` set one: the benchmark
+def start_server(folder, port, fake_port, tmp, cwd=None, base_url=None, **settings):
+    """The folder under gunicorn (the repository's, or the copy in `cwd`), on the stand-in at
+    `fake_port` (or `base_url`); no MAX_CONCURRENT_CALLS unless `settings` set one: the benchmark
     measures what the server holds."""
-    env = {**os.environ, "PORT": str(port), "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
+    base_url = base_url or f"http://127.0.0.1:{fake_port}/v1"
+    env = {**os.environ, "PORT": str(port), "OPENAI_BASE_URL": base_url,
            "OPENAI_API_KEY": "sk-benchmark", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "",
            "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_CALLS": "0",
            "OPENAI_MAX_RETRIES": "0", "MEMORY_DB_PATH": str(Path(tmp) / f"{folder}-memory.sqlite3"),
            **settings}
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
-        cwd=ROOT / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=cwd or ROOT / folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

@@ -31,10 +31,9 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from benchmark import ROOT, TOKEN, Target, free_port, one_call, request_bytes
+from benchmark import ROOT, TOKEN, Target, free_port, one_call, request_bytes, start_server
 from fake_llm import FakeLLM
 
 FOLDERS = ("openai-sse", "openai-advanced")
@@ -100,25 +99,6 @@ async def delayed_proxy(listen_port, upstream_port, one_way, hang_ups):
     return await asyncio.start_server(handle, "127.0.0.1", listen_port)
 
 
-def start_server(folder_path, port, base_url, cert, tmp):
-    env = {**os.environ, "PORT": str(port), "OPENAI_BASE_URL": base_url, "SSL_CERT_FILE": str(cert),
-           "OPENAI_API_KEY": "sk-benchmark", "CUSTOM_LLM_API_KEY": "", "OPENAI_MODEL": "",
-           "LOG_LEVEL": "WARNING", "OPENAI_MAX_RETRIES": "0", "WEB_CONCURRENCY": "1",
-           "MEMORY_DB_PATH": str(Path(tmp) / f"memory-{port}.sqlite3")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}"],
-        cwd=folder_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"{folder_path} did not start")
-
-
 async def ttft_ms(target, tag):
     result, conn = await one_call(target, words=3, tag=tag)
     if conn:
@@ -147,7 +127,9 @@ async def hang_up_ms(target, fake, hang_ups):
 
 async def measure_one(folder_path, name, base_url, cert, fake, hang_ups, tmp, pauses):
     port = free_port()
-    process = start_server(folder_path, port, base_url, cert, tmp)
+    process = start_server(Path(folder_path).name, port, None, tmp, cwd=folder_path,
+                           base_url=base_url, SSL_CERT_FILE=str(cert), WEB_CONCURRENCY="1",
+                           MEMORY_DB_PATH=str(Path(tmp) / f"memory-{port}.sqlite3"))
     target = Target(name, port, "/chat/completions", [])
     figures = {}
     try:
