@@ -512,6 +512,18 @@ def read_until(sock, marker, count=1):
     return received
 
 
+def hang_up(server, fake):
+    """A caller who hangs up mid-answer; returns how long the provider's stream took to close."""
+    fake.script({"text": " ".join(["word"] * 200), "token_delay": 0.05})
+    sock = open_raw_stream(server, load_fixture("first-turn.json"))
+    read_until(sock, b"data: ", 3)
+    hung_up_at = time.monotonic()
+    sock.close()
+    assert wait_for(lambda: fake.streams and not fake.streams[-1].open, 2.0)
+    assert fake.streams[-1].client_closed and not fake.streams[-1].finished
+    return fake.streams[-1].closed_at - hung_up_at
+
+
 def wait_for(condition, seconds=3.0):
     """Poll `condition` until it is true or `seconds` have passed; returns its last value."""
     deadline = time.monotonic() + seconds

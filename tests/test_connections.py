@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import (BASE_ENV, STREAMING_FOLDERS, Server, load_fixture, open_raw_stream,
-                      post_chat, read_sse, read_until, streamed_text, wait_for)
+from conftest import (BASE_ENV, STREAMING_FOLDERS, Server, hang_up, load_fixture, open_raw_stream,
+                      post_chat, read_sse, streamed_text, wait_for)
 from fake_llm import FakeLLM
 
 
@@ -47,18 +47,6 @@ def turn(server, fake):
     events, done = read_sse(post_chat(server, load_fixture("first-turn.json")))
     assert done and streamed_text(events).startswith("You said:")
     return fake.requests[-1]["connection_request"] == 1
-
-
-def hang_up(server, fake):
-    """A caller who hangs up mid-answer; returns how long the provider's stream took to close."""
-    fake.script({"text": " ".join(["word"] * 200), "token_delay": 0.05})
-    sock = open_raw_stream(server, load_fixture("first-turn.json"))
-    read_until(sock, b"data: ", 3)
-    hung_up_at = time.monotonic()
-    sock.close()
-    assert wait_for(lambda: not fake.streams[-1].open, 2.0)
-    assert fake.streams[-1].client_closed and not fake.streams[-1].finished
-    return fake.streams[-1].closed_at - hung_up_at
 
 
 def a_call(folder, start):
